@@ -1,0 +1,52 @@
+"""Validation of the inputs every encoder takes, at the model boundary, before any computation."""
+
+from __future__ import annotations
+
+import torch
+
+from bertfast.ops import checks
+
+
+def key_padding_mask(model: str, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                     attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None,
+                     position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Check the shapes of the model inputs; return ``attention_mask`` as (B, T) bool or None.
+
+    ``attention_mask`` is transformers' (B, T) mask: 1/True = real token, 0/False = padding.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(f"{model}: give exactly one of `input_ids` and `inputs_embeds`")
+    if input_ids is not None:
+        checks.tensor(model, "input_ids", input_ids, ndim=2, kind="int")
+        lead, lead_name = input_ids, "input_ids"
+    else:
+        checks.tensor(model, "inputs_embeds", inputs_embeds, ndim=3, kind="float")
+        lead, lead_name = inputs_embeds, "inputs_embeds"
+    B, T = lead.shape[:2]
+    if B == 0:
+        raise ValueError(f"{model}: `{lead_name}` is an empty batch (shape {tuple(lead.shape)})")
+    if T == 0:
+        raise ValueError(f"{model}: `{lead_name}` has sequence length 0")
+    for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+        if t is not None:
+            checks.tensor(model, name, t, ndim=2, kind="int")
+            if t.shape[1] != T or t.shape[0] not in (1, B):
+                raise ValueError(f"{model}: `{name}` must have shape ({B}, {T}) or (1, {T}), got {tuple(t.shape)}")
+            checks.same_device(model, name, t, lead_name, lead)
+    if attention_mask is None:
+        return None
+    checks.tensor(model, "attention_mask", attention_mask, kind="int_or_bool")
+    checks.shape(model, "attention_mask", attention_mask, (B, T), "(batch, seq_len)")
+    checks.same_device(model, "attention_mask", attention_mask, lead_name, lead)
+    return attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
+
+
+def labels(model: str, name: str, t: torch.Tensor | None, shape: tuple[int, ...], ref: torch.Tensor,
+           kind: str = "int") -> None:
+    """Shape/dtype/device of a label tensor; value ranges are checked by the loss ops."""
+    if t is None:
+        return
+    checks.tensor(model, name, t, kind=kind)
+    meaning = "(batch, seq_len)" if len(shape) == 2 else "(batch,)"
+    checks.shape(model, name, t, shape, meaning)
+    checks.same_device(model, name, t, "input", ref)

@@ -1,0 +1,126 @@
+"""The post-LayerNorm transformer layer shared by BERT, RoBERTa and ELECTRA, and the pieces all
+four encoders share (pooler, MLM head math, weight init). Module and attribute names follow
+transformers' ``modeling_bert.py`` so that state_dict keys are identical."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bertfast import ops
+from bertfast.models.config import EncoderConfig
+from bertfast.nn import LayerNorm, LinearGELU, SelfAttention
+from bertfast.ops.bias_gelu import approximate_of
+
+
+class ResidualOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(+ residual): transformers' BertSelfOutput / BertOutput."""
+
+    def __init__(self, in_features: int, config: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        p = self.dropout.p if self.training else 0.0
+        return self.LayerNorm(self.dense(hidden_states), residual=input_tensor, dropout_p=p)
+
+
+class Attention(nn.Module):
+    """``self`` (Q, K, V, attention) + ``output`` (projection, residual, LayerNorm)."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.self = SelfAttention(config.hidden_size, config.num_attention_heads, config.attention_probs_dropout_prob)
+        self.output = ResidualOutput(config.hidden_size, config)
+
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(hidden_states, key_padding_mask), hidden_states)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.dense = LinearGELU(config.hidden_size, config.intermediate_size,
+                                approximate=approximate_of(config.hidden_act))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dense(hidden_states)
+
+
+class TransformerLayer(nn.Module):
+    """Post-LN layer: x = LN(x + Attn(x)); x = LN(x + W2 gelu(W1 x))."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.intermediate = Intermediate(config)
+        self.output = ResidualOutput(config.intermediate_size, config)
+
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        attention_output = self.attention(hidden_states, key_padding_mask)
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([TransformerLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, key_padding_mask)
+        return hidden_states
+
+
+class Pooler(nn.Module):
+    """tanh(dense(first token)): BERT's pooler."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+def mlm_logits(hidden: torch.Tensor, dense: nn.Linear, norm: nn.LayerNorm, decoder_weight: torch.Tensor,
+               decoder_bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    """Vocabulary logits of the MLM head at every position: (..., H) -> (..., vocab)."""
+    h = ops.bias_gelu(F.linear(hidden, dense.weight), dense.bias, approximate)
+    h = ops.layer_norm(h, norm.weight, norm.bias, norm.eps)
+    return F.linear(h, decoder_weight, decoder_bias)
+
+
+def mlm_loss(hidden: torch.Tensor, labels: torch.Tensor, dense: nn.Linear, norm: nn.LayerNorm,
+             decoder_weight: torch.Tensor, decoder_bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    """Mean MLM loss over positions with a label (!= -100), computed only at those positions."""
+    return ops.mlm_loss(hidden, labels, dense.weight, dense.bias, norm.weight, norm.bias, decoder_weight,
+                        decoder_bias, approximate=approximate, eps=norm.eps)
+
+
+def wants_logits(labels: torch.Tensor | None, return_logits: bool | None) -> bool:
+    """Full (B, T, vocab) logits are made when asked for, or by default when there is no loss."""
+    return labels is None if return_logits is None else return_logits
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, std: float) -> None:
+    """transformers' BERT init: normal(0, std) weights, zero biases, zero padding rows, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.normal_(0.0, std)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Embedding):
+            m.weight.normal_(0.0, std)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                m.weight.fill_(1.0)
+            if m.bias is not None:
+                m.bias.zero_()

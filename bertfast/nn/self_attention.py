@@ -1,0 +1,45 @@
+"""Drop-in for transformers' ``BertSelfAttention`` (and ALBERT/RoBERTa/ELECTRA's): Q, K, V and attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bertfast import ops
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention on ``bertfast.ops.attention``; no output projection.
+
+    Parameters ``query``, ``key``, ``value`` are ``nn.Linear(hidden, hidden)`` as in transformers;
+    the three projections run as one GEMM on the concatenated weights, and the attention op reads
+    q, k and v as strided views of its output.
+    """
+
+    def __init__(self, hidden_size: int, num_attention_heads: int, attention_probs_dropout_prob: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(f"num_attention_heads: hidden_size {hidden_size} is not divisible by "
+                             f"num_attention_heads {num_attention_heads}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_attention_heads = num_attention_heads
+        self.attention_head_size = hidden_size // num_attention_heads
+        self.query = nn.Linear(hidden_size, hidden_size, **factory)
+        self.key = nn.Linear(hidden_size, hidden_size, **factory)
+        self.value = nn.Linear(hidden_size, hidden_size, **factory)
+        self.dropout = nn.Dropout(attention_probs_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, hidden) and (B, T) bool (True = real token) -> (B, T, hidden) attention context."""
+        if hidden_states.dim() != 3:
+            raise ValueError(f"hidden_states: expected (batch, seq_len, hidden), got {tuple(hidden_states.shape)}")
+        B, T, _ = hidden_states.shape
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3*hidden, hidden)
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = F.linear(hidden_states, weight, bias).view(B, T, 3, self.num_attention_heads, self.attention_head_size)
+        q, k, v = qkv.unbind(2)  # each (B, T, heads, head_dim), strided views
+        context = ops.attention(q, k, v, key_padding_mask=key_padding_mask,
+                                dropout_p=self.dropout.p if self.training else 0.0)
+        return context.reshape(B, T, -1)
