@@ -20,11 +20,11 @@ def from_hf(hf_model):
     return hf.from_hf(hf_model)
 
 
-def to_hf(model):
+def to_hf(model, attn_implementation=None):
     """The transformers model equal to a bertfast model (same weights); see ``bertfast.hf``."""
     from bertfast import hf
 
-    return hf.to_hf(model)
+    return hf.to_hf(model, attn_implementation=attn_implementation)
 
 
 __all__ = ["__version__", "models", "nn", "ops", "use_backend", "record_backends", "from_hf", "to_hf"]

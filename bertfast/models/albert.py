@@ -25,7 +25,7 @@ from bertfast import ops
 from bertfast.models import inputs
 from bertfast.models.bert import make_embeddings
 from bertfast.models.config import EncoderConfig
-from bertfast.models.layers import init_weights, mlm_logits, mlm_loss, wants_logits
+from bertfast.models.layers import init_weights, mlm_logits, mlm_loss, tie_mlm_decoder, wants_logits
 from bertfast.models.outputs import AlbertForPreTrainingOutput, BaseModelOutputWithPooling, MaskedLMOutput
 from bertfast.nn import LayerNorm, LinearGELU, SelfAttention
 from bertfast.ops.bias_gelu import approximate_of
@@ -204,7 +204,6 @@ class AlbertMLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.dense = nn.Linear(config.hidden_size, config.embedding_size)
         self.decoder = nn.Linear(config.embedding_size, config.vocab_size)
-        self.decoder.bias = self.bias
         self.approximate = approximate_of(config.hidden_act)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -224,8 +223,7 @@ class AlbertSOPHead(nn.Module):
 
 def _init_and_tie(head: AlbertMLMHead, base: AlbertModel, config: AlbertConfig) -> None:
     init_weights(head, config.initializer_range)
-    if config.tie_word_embeddings:
-        head.decoder.weight = base.embeddings.word_embeddings.weight
+    tie_mlm_decoder(head, base.embeddings.word_embeddings, config.tie_word_embeddings)
 
 
 class AlbertForPreTraining(nn.Module):

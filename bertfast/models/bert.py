@@ -13,7 +13,8 @@ from torch import nn
 from bertfast import ops
 from bertfast.models import inputs
 from bertfast.models.config import EncoderConfig
-from bertfast.models.layers import Encoder, Pooler, init_weights, mlm_logits, mlm_loss, wants_logits
+from bertfast.models.layers import (Encoder, Pooler, init_weights, mlm_logits, mlm_loss, tie_mlm_decoder,
+                                    wants_logits)
 from bertfast.models.outputs import BaseModelOutputWithPooling, BertForPreTrainingOutput
 from bertfast.nn import Embeddings, LayerNorm
 from bertfast.ops.bias_gelu import approximate_of
@@ -79,7 +80,6 @@ class BertLMPredictionHead(nn.Module):
         self.transform = BertPredictionHeadTransform(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.decoder.bias = self.bias  # one parameter under both names, as in transformers
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         t = self.transform
@@ -112,8 +112,7 @@ class BertForPreTraining(nn.Module):
         self.bert = BertModel(config)
         self.cls = BertPreTrainingHeads(config)
         init_weights(self.cls, config.initializer_range)
-        if config.tie_word_embeddings:
-            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        tie_mlm_decoder(self.cls.predictions, self.bert.embeddings.word_embeddings, config.tie_word_embeddings)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

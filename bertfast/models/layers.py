@@ -102,6 +102,15 @@ def mlm_loss(hidden: torch.Tensor, labels: torch.Tensor, dense: nn.Linear, norm:
                         decoder_bias, approximate=approximate, eps=norm.eps)
 
 
+def tie_mlm_decoder(head: nn.Module, word_embeddings: nn.Embedding, tie: bool) -> None:
+    """transformers' tying: decoder.weight is the word embedding table and decoder.bias is the
+    head's ``bias`` (one parameter under two names). Untied (tie_word_embeddings=False) both stay
+    separate and ``head.bias`` is unused, exactly as transformers 5 leaves them."""
+    if tie:
+        head.decoder.weight = word_embeddings.weight
+        head.decoder.bias = head.bias
+
+
 def wants_logits(labels: torch.Tensor | None, return_logits: bool | None) -> bool:
     """Full (B, T, vocab) logits are made when asked for, or by default when there is no loss."""
     return labels is None if return_logits is None else return_logits

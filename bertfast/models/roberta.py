@@ -14,7 +14,7 @@ from torch import nn
 from bertfast.models import inputs
 from bertfast.models.bert import BertModel
 from bertfast.models.config import EncoderConfig
-from bertfast.models.layers import init_weights, mlm_logits, mlm_loss, wants_logits
+from bertfast.models.layers import init_weights, mlm_logits, mlm_loss, tie_mlm_decoder, wants_logits
 from bertfast.models.outputs import MaskedLMOutput
 from bertfast.nn import LayerNorm
 
@@ -53,7 +53,6 @@ class RobertaLMHead(nn.Module):
         self.layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.decoder.bias = self.bias
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return mlm_logits(hidden, self.dense, self.layer_norm, self.decoder.weight, self.decoder.bias, "none")
@@ -75,8 +74,7 @@ class RobertaForMaskedLM(nn.Module):
         self.roberta = RobertaModel(config, add_pooling_layer=False)
         self.lm_head = RobertaLMHead(config)
         init_weights(self.lm_head, config.initializer_range)
-        if config.tie_word_embeddings:
-            self.lm_head.decoder.weight = self.roberta.embeddings.word_embeddings.weight
+        tie_mlm_decoder(self.lm_head, self.roberta.embeddings.word_embeddings, config.tie_word_embeddings)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
