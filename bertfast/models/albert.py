@@ -25,8 +25,9 @@ from bertfast import ops
 from bertfast.models import inputs
 from bertfast.models.bert import make_embeddings
 from bertfast.models.config import EncoderConfig
-from bertfast.models.layers import init_weights, mlm_logits, mlm_loss, tie_mlm_decoder, wants_logits
-from bertfast.models.outputs import AlbertForPreTrainingOutput, BaseModelOutputWithPooling, MaskedLMOutput
+from bertfast.models.layers import (MaskedLMModel, init_weights, mlm_logits, mlm_loss, tie_mlm_decoder,
+                                    wants_logits)
+from bertfast.models.outputs import AlbertForPreTrainingOutput, BaseModelOutputWithPooling
 from bertfast.nn import LayerNorm, LinearGELU, SelfAttention
 from bertfast.ops.bias_gelu import approximate_of
 
@@ -249,11 +250,9 @@ class AlbertForPreTraining(nn.Module):
                 return_logits: bool | None = None) -> AlbertForPreTrainingOutput:
         """labels (B, T): ids at masked positions, -100 elsewhere; sentence_order_label (B,): 0 = in
         order, 1 = swapped."""
-        lead = input_ids if input_ids is not None else inputs_embeds
-        if lead is not None:
-            inputs.labels("AlbertForPreTraining", "labels", labels, tuple(lead.shape[:2]), lead)
-            inputs.labels("AlbertForPreTraining", "sentence_order_label", sentence_order_label, (lead.shape[0],),
-                          lead)
+        inputs.labels("AlbertForPreTraining", "labels", labels, input_ids, inputs_embeds, per_token=True)
+        inputs.labels("AlbertForPreTraining", "sentence_order_label", sentence_order_label, input_ids, inputs_embeds,
+                      per_token=False)
         out = self.albert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         hidden, pooled = out.last_hidden_state, out.pooler_output
         sop = self.sop_classifier
@@ -271,7 +270,7 @@ class AlbertForPreTraining(nn.Module):
         )
 
 
-class AlbertForMaskedLM(nn.Module):
+class AlbertForMaskedLM(MaskedLMModel):
     """ALBERT (no pooler) with the MLM head."""
 
     def __init__(self, config: AlbertConfig):
@@ -281,15 +280,11 @@ class AlbertForMaskedLM(nn.Module):
         self.predictions = AlbertMLMHead(config)
         _init_and_tie(self.predictions, self.albert, config)
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                return_logits: bool | None = None) -> MaskedLMOutput:
-        lead = input_ids if input_ids is not None else inputs_embeds
-        if lead is not None:
-            inputs.labels("AlbertForMaskedLM", "labels", labels, tuple(lead.shape[:2]), lead)
-        hidden = self.albert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds).last_hidden_state
-        return MaskedLMOutput(
-            loss=self.predictions.loss(hidden, labels) if labels is not None else None,
-            logits=self.predictions(hidden) if wants_logits(labels, return_logits) else None,
-        )
+    def encoder_model(self) -> AlbertModel:
+        return self.albert
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.predictions(hidden)
+
+    def mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.predictions.loss(hidden, labels)

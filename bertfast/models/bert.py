@@ -121,10 +121,9 @@ class BertForPreTraining(nn.Module):
                 return_logits: bool | None = None) -> BertForPreTrainingOutput:
         """labels (B, T): token ids at masked positions, -100 elsewhere; next_sentence_label (B,):
         0 = B follows A, 1 = B is random."""
-        lead = input_ids if input_ids is not None else inputs_embeds
-        if lead is not None:
-            inputs.labels("BertForPreTraining", "labels", labels, tuple(lead.shape[:2]), lead)
-            inputs.labels("BertForPreTraining", "next_sentence_label", next_sentence_label, (lead.shape[0],), lead)
+        inputs.labels("BertForPreTraining", "labels", labels, input_ids, inputs_embeds, per_token=True)
+        inputs.labels("BertForPreTraining", "next_sentence_label", next_sentence_label, input_ids, inputs_embeds,
+                      per_token=False)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         hidden, pooled = out.last_hidden_state, out.pooler_output
         head = self.cls.predictions

@@ -18,9 +18,8 @@ from bertfast import ops
 from bertfast.models import inputs
 from bertfast.models.bert import make_embeddings
 from bertfast.models.config import EncoderConfig
-from bertfast.models.layers import Encoder, init_weights, mlm_logits, mlm_loss, wants_logits
-from bertfast.models.outputs import (BaseModelOutput, ElectraForPreTrainingOutput, ElectraPretrainingOutput,
-                                     MaskedLMOutput)
+from bertfast.models.layers import Encoder, MaskedLMModel, init_weights, mlm_logits, mlm_loss
+from bertfast.models.outputs import BaseModelOutput, ElectraForPreTrainingOutput, ElectraPretrainingOutput
 from bertfast.nn import LayerNorm
 from bertfast.ops.bias_gelu import approximate_of
 
@@ -107,9 +106,8 @@ class ElectraForPreTraining(nn.Module):
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> ElectraForPreTrainingOutput:
-        lead = input_ids if input_ids is not None else inputs_embeds
-        if lead is not None:
-            inputs.labels("ElectraForPreTraining", "labels", labels, tuple(lead.shape[:2]), lead, kind="int_or_bool")
+        inputs.labels("ElectraForPreTraining", "labels", labels, input_ids, inputs_embeds, per_token=True,
+                      kind="int_or_bool")
         hidden = self.electra(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds).last_hidden_state
         head = self.discriminator_predictions
         mask = attention_mask.bool() if attention_mask is not None else None
@@ -127,12 +125,8 @@ class ElectraGeneratorPredictions(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.embedding_size)
 
 
-class ElectraForMaskedLM(nn.Module):
-    """The generator: ELECTRA + MLM head whose ``generator_lm_head`` is tied to the word embeddings.
-
-    The head runs only at labelled positions; full ``logits`` without ``labels`` or with
-    ``return_logits=True``.
-    """
+class ElectraForMaskedLM(MaskedLMModel):
+    """The generator: ELECTRA + MLM head whose ``generator_lm_head`` is tied to the word embeddings."""
 
     def __init__(self, config: ElectraConfig):
         super().__init__()
@@ -148,29 +142,19 @@ class ElectraForMaskedLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.generator_lm_head.weight = self.electra.embeddings.word_embeddings.weight
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def encoder_model(self) -> ElectraModel:
+        return self.electra
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., vocab)."""
         p = self.generator_predictions
         return mlm_logits(hidden, p.dense, p.LayerNorm, self.generator_lm_head.weight, self.generator_lm_head.bias,
                           "none")
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         p = self.generator_predictions
         return mlm_loss(hidden, labels, p.dense, p.LayerNorm, self.generator_lm_head.weight,
                         self.generator_lm_head.bias, "none")
-
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                return_logits: bool | None = None) -> MaskedLMOutput:
-        lead = input_ids if input_ids is not None else inputs_embeds
-        if lead is not None:
-            inputs.labels("ElectraForMaskedLM", "labels", labels, tuple(lead.shape[:2]), lead)
-        hidden = self.electra(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds).last_hidden_state
-        return MaskedLMOutput(
-            loss=self.loss(hidden, labels) if labels is not None else None,
-            logits=self.logits(hidden) if wants_logits(labels, return_logits) else None,
-        )
 
 
 class ElectraPretrainingModel(nn.Module):
@@ -208,14 +192,14 @@ class ElectraPretrainingModel(nn.Module):
             attention_mask: (B, T) 1 = real token.
             seed: seeds the generator's sampling (None = torch's global generator).
         """
-        inputs.labels("ElectraPretrainingModel", "labels", labels, tuple(input_ids.shape), input_ids)
+        inputs.labels("ElectraPretrainingModel", "labels", labels, input_ids, None, per_token=True)
         gen = self.generator
         gen_hidden = gen.electra(input_ids, attention_mask, token_type_ids).last_hidden_state
-        mlm = gen.loss(gen_hidden, labels)
+        mlm = gen.mlm_loss(gen_hidden, labels)
         selected = labels != -100  # (B, T)
         with torch.no_grad():
             # ELECTRA stops the gradient at sampling: the generator learns from its MLM loss only.
-            sampled = ops.sample_tokens(gen.logits(gen_hidden[selected]), seed=seed, temperature=self.temperature)
+            sampled = ops.sample_tokens(gen.mlm_logits(gen_hidden[selected]), seed=seed, temperature=self.temperature)
         corrupted = input_ids.masked_scatter(selected, sampled)
         original = torch.where(selected, labels, input_ids)
         replaced = corrupted != original

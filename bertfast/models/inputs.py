@@ -41,12 +41,16 @@ def key_padding_mask(model: str, input_ids: torch.Tensor | None, inputs_embeds: 
     return attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
 
 
-def labels(model: str, name: str, t: torch.Tensor | None, shape: tuple[int, ...], ref: torch.Tensor,
-           kind: str = "int") -> None:
-    """Shape/dtype/device of a label tensor; value ranges are checked by the loss ops."""
-    if t is None:
+def labels(model: str, name: str, t: torch.Tensor | None, input_ids: torch.Tensor | None,
+           inputs_embeds: torch.Tensor | None, per_token: bool, kind: str = "int") -> None:
+    """Shape/dtype/device of a label tensor: (B, T) per token or (B,) per sequence. Value ranges
+    are checked by the loss ops."""
+    lead = input_ids if input_ids is not None else inputs_embeds
+    if t is None or lead is None:
         return
     checks.tensor(model, name, t, kind=kind)
-    meaning = "(batch, seq_len)" if len(shape) == 2 else "(batch,)"
-    checks.shape(model, name, t, shape, meaning)
-    checks.same_device(model, name, t, "input", ref)
+    if per_token:
+        checks.shape(model, name, t, tuple(lead.shape[:2]), "(batch, seq_len)")
+    else:
+        checks.shape(model, name, t, (lead.shape[0],), "(batch,)")
+    checks.same_device(model, name, t, "input_ids" if input_ids is not None else "inputs_embeds", lead)

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bertfast import ops
+from bertfast.models import inputs
 from bertfast.models.config import EncoderConfig
+from bertfast.models.outputs import MaskedLMOutput
 from bertfast.nn import LayerNorm, LinearGELU, SelfAttention
 from bertfast.ops.bias_gelu import approximate_of
 
@@ -114,6 +116,36 @@ def tie_mlm_decoder(head: nn.Module, word_embeddings: nn.Embedding, tie: bool) -
 def wants_logits(labels: torch.Tensor | None, return_logits: bool | None) -> bool:
     """Full (B, T, vocab) logits are made when asked for, or by default when there is no loss."""
     return labels is None if return_logits is None else return_logits
+
+
+class MaskedLMModel(nn.Module):
+    """The forward shared by the ``*ForMaskedLM`` classes: encoder, then the MLM head only at
+    labelled positions; full ``logits`` without ``labels`` or with ``return_logits=True``.
+
+    Subclasses provide ``encoder_model()``, ``mlm_logits(hidden)`` and ``mlm_loss(hidden, labels)``.
+    """
+
+    def encoder_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                return_logits: bool | None = None) -> MaskedLMOutput:
+        """labels (B, T): original ids at masked positions, -100 elsewhere."""
+        inputs.labels(type(self).__name__, "labels", labels, input_ids, inputs_embeds, per_token=True)
+        out = self.encoder_model()(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        hidden = out.last_hidden_state
+        return MaskedLMOutput(
+            loss=self.mlm_loss(hidden, labels) if labels is not None else None,
+            logits=self.mlm_logits(hidden) if wants_logits(labels, return_logits) else None,
+        )
 
 
 @torch.no_grad()

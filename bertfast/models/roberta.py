@@ -11,11 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bertfast.models import inputs
 from bertfast.models.bert import BertModel
 from bertfast.models.config import EncoderConfig
-from bertfast.models.layers import init_weights, mlm_logits, mlm_loss, tie_mlm_decoder, wants_logits
-from bertfast.models.outputs import MaskedLMOutput
+from bertfast.models.layers import MaskedLMModel, init_weights, mlm_logits, mlm_loss, tie_mlm_decoder
 from bertfast.nn import LayerNorm
 
 
@@ -61,12 +59,8 @@ class RobertaLMHead(nn.Module):
         return mlm_loss(hidden, labels, self.dense, self.layer_norm, self.decoder.weight, self.decoder.bias, "none")
 
 
-class RobertaForMaskedLM(nn.Module):
-    """RoBERTa with its MLM head (decoder tied to the word embeddings); no pooler, no NSP.
-
-    The head runs only at labelled positions; full ``logits`` are computed when no ``labels`` are
-    given or ``return_logits=True``.
-    """
+class RobertaForMaskedLM(MaskedLMModel):
+    """RoBERTa with its MLM head (decoder tied to the word embeddings); no pooler, no NSP."""
 
     def __init__(self, config: RobertaConfig):
         super().__init__()
@@ -76,16 +70,11 @@ class RobertaForMaskedLM(nn.Module):
         init_weights(self.lm_head, config.initializer_range)
         tie_mlm_decoder(self.lm_head, self.roberta.embeddings.word_embeddings, config.tie_word_embeddings)
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                return_logits: bool | None = None) -> MaskedLMOutput:
-        """labels (B, T): original ids at masked positions, -100 elsewhere."""
-        lead = input_ids if input_ids is not None else inputs_embeds
-        if lead is not None:
-            inputs.labels("RobertaForMaskedLM", "labels", labels, tuple(lead.shape[:2]), lead)
-        hidden = self.roberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds).last_hidden_state
-        return MaskedLMOutput(
-            loss=self.lm_head.loss(hidden, labels) if labels is not None else None,
-            logits=self.lm_head(hidden) if wants_logits(labels, return_logits) else None,
-        )
+    def encoder_model(self) -> RobertaModel:
+        return self.roberta
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.loss(hidden, labels)

@@ -22,4 +22,7 @@ _OP_MODULES = ("attention", "layer_norm", "bias_gelu", "embedding", "mlm_loss", 
 # shadow their modules' names in this package, hence sys.modules.)
 ALL_OPS = {name: sys.modules[f"bertfast.ops.{name}"].OP for name in _OP_MODULES}
 
-__all__ = [*_OP_MODULES, "use_backend", "record_backends", "BackendUnavailableError", "ALL_OPS"]
+__all__ = [
+    "attention", "layer_norm", "bias_gelu", "embedding", "mlm_loss", "sentence_pair_loss", "rtd_loss",
+    "sample_tokens", "use_backend", "record_backends", "BackendUnavailableError", "ALL_OPS",
+]

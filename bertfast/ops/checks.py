@@ -39,7 +39,7 @@ def tensor(op: str, name: str, t, *, ndim: int | None = None, kind: str | None =
 
 def shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int | None], meaning: str) -> None:
     """``t.shape`` must equal ``expected`` (None = any); ``meaning`` names the dims, e.g. '(batch, seq_len)'."""
-    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape, strict=True))
     if not ok:
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"{op}: `{name}` must have shape {meaning} = {want}, got {tuple(t.shape)}")
