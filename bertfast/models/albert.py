@@ -250,9 +250,11 @@ class AlbertForPreTraining(nn.Module):
                 return_logits: bool | None = None) -> AlbertForPreTrainingOutput:
         """labels (B, T): ids at masked positions, -100 elsewhere; sentence_order_label (B,): 0 = in
         order, 1 = swapped."""
-        inputs.labels("AlbertForPreTraining", "labels", labels, input_ids, inputs_embeds, per_token=True)
-        inputs.labels("AlbertForPreTraining", "sentence_order_label", sentence_order_label, input_ids, inputs_embeds,
-                      per_token=False)
+        name, vocab = "AlbertForPreTraining", self.config.vocab_size
+        inputs.labels(name, "labels", labels, input_ids, inputs_embeds, per_token=True, classes=vocab,
+                      ignore_index=-100)
+        inputs.labels(name, "sentence_order_label", sentence_order_label, input_ids, inputs_embeds, per_token=False,
+                      classes=self.sop_classifier.classifier.out_features)
         out = self.albert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         hidden, pooled = out.last_hidden_state, out.pooler_output
         sop = self.sop_classifier

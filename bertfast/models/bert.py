@@ -121,9 +121,11 @@ class BertForPreTraining(nn.Module):
                 return_logits: bool | None = None) -> BertForPreTrainingOutput:
         """labels (B, T): token ids at masked positions, -100 elsewhere; next_sentence_label (B,):
         0 = B follows A, 1 = B is random."""
-        inputs.labels("BertForPreTraining", "labels", labels, input_ids, inputs_embeds, per_token=True)
-        inputs.labels("BertForPreTraining", "next_sentence_label", next_sentence_label, input_ids, inputs_embeds,
-                      per_token=False)
+        name, vocab = "BertForPreTraining", self.config.vocab_size
+        inputs.labels(name, "labels", labels, input_ids, inputs_embeds, per_token=True, classes=vocab,
+                      ignore_index=-100)
+        inputs.labels(name, "next_sentence_label", next_sentence_label, input_ids, inputs_embeds, per_token=False,
+                      classes=self.cls.seq_relationship.out_features)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         hidden, pooled = out.last_hidden_state, out.pooler_output
         head = self.cls.predictions

@@ -107,7 +107,7 @@ class ElectraForPreTraining(nn.Module):
                 inputs_embeds: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> ElectraForPreTrainingOutput:
         inputs.labels("ElectraForPreTraining", "labels", labels, input_ids, inputs_embeds, per_token=True,
-                      kind="int_or_bool")
+                      classes=2, kind="int_or_bool")
         hidden = self.electra(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds).last_hidden_state
         head = self.discriminator_predictions
         mask = attention_mask.bool() if attention_mask is not None else None
@@ -192,7 +192,8 @@ class ElectraPretrainingModel(nn.Module):
             attention_mask: (B, T) 1 = real token.
             seed: seeds the generator's sampling (None = torch's global generator).
         """
-        inputs.labels("ElectraPretrainingModel", "labels", labels, input_ids, None, per_token=True)
+        inputs.labels("ElectraPretrainingModel", "labels", labels, input_ids, None, per_token=True,
+                      classes=self.generator.config.vocab_size, ignore_index=-100)
         gen = self.generator
         gen_hidden = gen.electra(input_ids, attention_mask, token_type_ids).last_hidden_state
         mlm = gen.mlm_loss(gen_hidden, labels)

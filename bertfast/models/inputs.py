@@ -42,9 +42,10 @@ def key_padding_mask(model: str, input_ids: torch.Tensor | None, inputs_embeds: 
 
 
 def labels(model: str, name: str, t: torch.Tensor | None, input_ids: torch.Tensor | None,
-           inputs_embeds: torch.Tensor | None, per_token: bool, kind: str = "int") -> None:
-    """Shape/dtype/device of a label tensor: (B, T) per token or (B,) per sequence. Value ranges
-    are checked by the loss ops."""
+           inputs_embeds: torch.Tensor | None, per_token: bool, classes: int, ignore_index: int | None = None,
+           kind: str = "int") -> None:
+    """A label tensor: (B, T) per token or (B,) per sequence, values in [0, classes) or
+    ``ignore_index``; checked before the encoder runs, naming the model's argument."""
     lead = input_ids if input_ids is not None else inputs_embeds
     if t is None or lead is None:
         return
@@ -54,3 +55,5 @@ def labels(model: str, name: str, t: torch.Tensor | None, input_ids: torch.Tenso
     else:
         checks.shape(model, name, t, (lead.shape[0],), "(batch,)")
     checks.same_device(model, name, t, "input_ids" if input_ids is not None else "inputs_embeds", lead)
+    if t.dtype != torch.bool:
+        checks.index_range(model, name, t, classes, f"labels must be class ids below {classes}", allow=ignore_index)

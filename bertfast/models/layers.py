@@ -139,7 +139,8 @@ class MaskedLMModel(nn.Module):
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 return_logits: bool | None = None) -> MaskedLMOutput:
         """labels (B, T): original ids at masked positions, -100 elsewhere."""
-        inputs.labels(type(self).__name__, "labels", labels, input_ids, inputs_embeds, per_token=True)
+        inputs.labels(type(self).__name__, "labels", labels, input_ids, inputs_embeds, per_token=True,
+                      classes=self.config.vocab_size, ignore_index=-100)
         out = self.encoder_model()(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         hidden = out.last_hidden_state
         return MaskedLMOutput(

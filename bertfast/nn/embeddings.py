@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from bertfast import ops
+from bertfast.ops import checks
 from bertfast.nn.layer_norm import LayerNorm
 
 
@@ -23,6 +24,7 @@ class Embeddings(nn.Module):
                  pad_token_id: int | None = None, layer_norm_eps: float = 1e-12, hidden_dropout_prob: float = 0.0,
                  position_padding_idx: int | None = None, device=None, dtype=None):
         super().__init__()
+        checks.probability(type(self).__name__, "hidden_dropout_prob", hidden_dropout_prob)
         factory = {"device": device, "dtype": dtype}
         self.word_embeddings = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id, **factory)
         self.position_embeddings = nn.Embedding(max_position_embeddings, embedding_size,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bertfast import ops
+from bertfast.ops import checks
 
 
 class SelfAttention(nn.Module):
@@ -23,6 +24,7 @@ class SelfAttention(nn.Module):
         if hidden_size % num_attention_heads != 0:
             raise ValueError(f"num_attention_heads: hidden_size {hidden_size} is not divisible by "
                              f"num_attention_heads {num_attention_heads}")
+        checks.probability(type(self).__name__, "attention_probs_dropout_prob", attention_probs_dropout_prob)
         factory = {"device": device, "dtype": dtype}
         self.num_attention_heads = num_attention_heads
         self.attention_head_size = hidden_size // num_attention_heads

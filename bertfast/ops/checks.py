@@ -50,6 +50,14 @@ def same_dtype(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Te
         raise TypeError(f"{op}: `{name}` has dtype {t.dtype} but `{ref_name}` has {ref.dtype}; they must match")
 
 
+def same_dtype_unless_autocast(op: str, name: str, t: torch.Tensor | None, ref_name: str,
+                                ref: torch.Tensor) -> None:
+    """Parameters share the activations' dtype, except inside ``torch.autocast``, whose purpose is
+    to run float32 parameters on half activations."""
+    if t is not None and t.dtype != ref.dtype and not torch.is_autocast_enabled(ref.device.type):
+        same_dtype(op, name, t, ref_name, ref)
+
+
 def same_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.device != ref.device:
         raise ValueError(f"{op}: `{name}` is on {t.device} but `{ref_name}` is on {ref.device}; they must match")
@@ -72,7 +80,7 @@ def _value_checks_enabled() -> bool:
 
 def index_range(op: str, name: str, ids: torch.Tensor, high: int, what: str, allow: int | None = None) -> None:
     """Every id must be in [0, high); ``allow`` is one extra permitted value (e.g. ignore_index)."""
-    if not _value_checks_enabled() or ids.numel() == 0:
+    if not _value_checks_enabled() or ids.numel() == 0 or ids.device.type == "meta":  # meta: no values to read
         return
     values = ids if allow is None else ids[ids != allow]
     if values.numel() == 0:

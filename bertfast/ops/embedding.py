@@ -59,7 +59,6 @@ def embedding(
     E = word_weight.shape[1]
     for arg, w in (("position_weight", position_weight), ("token_type_weight", token_type_weight)):
         checks.shape(name, arg, w, (None, E), f"(rows, embedding_size={E})")
-        checks.same_device(name, arg, w, "word_weight", word_weight)
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError(f"{name}: give exactly one of `input_ids` and `inputs_embeds`")
     if input_ids is not None:
@@ -70,7 +69,6 @@ def embedding(
     else:
         checks.tensor(name, "inputs_embeds", inputs_embeds, ndim=3, kind="float")
         checks.shape(name, "inputs_embeds", inputs_embeds, (None, None, E), f"(batch, seq_len, {E})")
-        checks.same_device(name, "inputs_embeds", inputs_embeds, "word_weight", word_weight)
         B, T = inputs_embeds.shape[:2]
         lead = "inputs_embeds"
     if B == 0:
@@ -89,9 +87,17 @@ def embedding(
         checks.tensor(name, "projection_weight", projection_weight, ndim=2, kind="float")
         checks.shape(name, "projection_weight", projection_weight, (None, E), f"(hidden, embedding_size={E})")
         if projection_bias is not None:
+            checks.tensor(name, "projection_bias", projection_bias, ndim=1, kind="float")
             checks.shape(name, "projection_bias", projection_bias, (projection_weight.shape[0],), "(hidden,)")
     elif projection_bias is not None:
         raise ValueError(f"{name}: `projection_bias` given without `projection_weight`")
+    # Every float tensor on the word table's device and, outside autocast, of its dtype.
+    for arg, t in (("position_weight", position_weight), ("token_type_weight", token_type_weight),
+                   ("norm_weight", norm_weight), ("norm_bias", norm_bias), ("projection_weight", projection_weight),
+                   ("projection_bias", projection_bias), ("inputs_embeds", inputs_embeds)):
+        if t is not None:
+            checks.same_device(name, arg, t, "word_weight", word_weight)
+            checks.same_dtype_unless_autocast(name, arg, t, "word_weight", word_weight)
     checks.probability(name, "dropout_p", dropout_p)
     if input_ids is not None:
         checks.index_range(name, "input_ids", input_ids, word_weight.shape[0],

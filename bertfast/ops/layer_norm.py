@@ -50,6 +50,8 @@ def layer_norm(
             checks.tensor(name, arg, p, ndim=1, kind="float")
             checks.shape(name, arg, p, (n,), "(x.shape[-1],)")
             checks.same_device(name, arg, p, "x", x)
+    if weight is not None and bias is not None:
+        checks.same_dtype(name, "bias", bias, "weight", weight)
     if residual is not None:
         checks.tensor(name, "residual", residual, kind="float")
         checks.shape(name, "residual", residual, tuple(x.shape), "the shape of x")

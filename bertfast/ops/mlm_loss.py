@@ -60,6 +60,8 @@ def mlm_loss(
     B, T, H = hidden.shape
     checks.shape(name, "labels", labels, (B, T), "(batch, seq_len) of hidden")
     checks.same_device(name, "labels", labels, "hidden", hidden)
+    checks.nonempty(name, "hidden", hidden, (0,), "the batch dim")
+    checks.nonempty(name, "hidden", hidden, (1,), "the sequence dim")
     checks.tensor(name, "dense_weight", dense_weight, ndim=2, kind="float")
     checks.shape(name, "dense_weight", dense_weight, (None, H), f"(head_size, hidden={H})")
     E = dense_weight.shape[0]
@@ -72,8 +74,10 @@ def mlm_loss(
             checks.tensor(name, arg, p, ndim=1, kind="float")
             checks.shape(name, arg, p, (n,), f"({n},)")
             checks.same_device(name, arg, p, "hidden", hidden)
+            checks.same_dtype_unless_autocast(name, arg, p, "hidden", hidden)
     for arg, w in (("dense_weight", dense_weight), ("decoder_weight", decoder_weight)):
         checks.same_device(name, arg, w, "hidden", hidden)
+        checks.same_dtype_unless_autocast(name, arg, w, "hidden", hidden)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"{name}: `approximate` must be 'none' or 'tanh', got {approximate!r}")
     if reduction not in REDUCTIONS:

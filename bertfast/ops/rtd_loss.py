@@ -47,6 +47,8 @@ def rtd_loss(
     name = OP.name
     checks.tensor(name, "hidden", hidden, ndim=3, kind="float")
     B, T, H = hidden.shape
+    checks.nonempty(name, "hidden", hidden, (0,), "the batch dim")
+    checks.nonempty(name, "hidden", hidden, (1,), "the sequence dim")
     checks.tensor(name, "dense_weight", dense_weight, ndim=2, kind="float")
     checks.shape(name, "dense_weight", dense_weight, (None, H), f"(inner, hidden={H})")
     inner = dense_weight.shape[0]
@@ -56,8 +58,11 @@ def rtd_loss(
         if p is not None:
             checks.tensor(name, arg, p, ndim=1, kind="float")
             checks.shape(name, arg, p, (n,), f"({n},)")
-    for arg, w in (("dense_weight", dense_weight), ("prediction_weight", prediction_weight)):
-        checks.same_device(name, arg, w, "hidden", hidden)
+    for arg, w in (("dense_weight", dense_weight), ("dense_bias", dense_bias),
+                   ("prediction_weight", prediction_weight), ("prediction_bias", prediction_bias)):
+        if w is not None:
+            checks.same_device(name, arg, w, "hidden", hidden)
+            checks.same_dtype_unless_autocast(name, arg, w, "hidden", hidden)
     if labels is not None:
         checks.tensor(name, "labels", labels, kind="int_or_bool")
         checks.shape(name, "labels", labels, (B, T), "(batch, seq_len) of hidden")

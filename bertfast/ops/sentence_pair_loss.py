@@ -39,10 +39,13 @@ def sentence_pair_loss(
     checks.tensor(name, "weight", weight, ndim=2, kind="float")
     checks.shape(name, "weight", weight, (None, pooled.shape[1]), f"(classes, hidden={pooled.shape[1]})")
     checks.same_device(name, "weight", weight, "pooled", pooled)
+    checks.same_dtype_unless_autocast(name, "weight", weight, "pooled", pooled)
     C = weight.shape[0]
     if bias is not None:
         checks.tensor(name, "bias", bias, ndim=1, kind="float")
         checks.shape(name, "bias", bias, (C,), f"(classes={C},)")
+        checks.same_device(name, "bias", bias, "pooled", pooled)
+        checks.same_dtype_unless_autocast(name, "bias", bias, "pooled", pooled)
     if labels is not None:
         checks.tensor(name, "labels", labels, ndim=1, kind="int")
         checks.shape(name, "labels", labels, (pooled.shape[0],), "(batch,)")
