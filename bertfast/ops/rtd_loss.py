@@ -90,7 +90,10 @@ def rtd_loss_torch(hidden, dense_weight, dense_bias, prediction_weight, predicti
     if labels is None:
         return logits, None
     compute = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    per_token = F.binary_cross_entropy_with_logits(compute, labels.to(compute.dtype), reduction="none")
+    # With 0/1 labels, BCE-with-logits is softplus(x) for originals and softplus(-x) for replaced
+    # tokens. Written so, it has no cancellation; torch's (1 - y) x - logsigmoid(x) loses ~eps |x|
+    # on confidently-original tokens (x << 0), the bulk of an ELECTRA batch.
+    per_token = F.softplus(torch.where(labels.bool(), -compute, compute))
     if attention_mask is None:
         return logits, per_token.mean()
     weights = attention_mask.to(compute.dtype)
