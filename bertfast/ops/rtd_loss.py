@@ -93,7 +93,9 @@ def rtd_loss_torch(hidden, dense_weight, dense_bias, prediction_weight, predicti
     # With 0/1 labels, BCE-with-logits is softplus(x) for originals and softplus(-x) for replaced
     # tokens. Written so, it has no cancellation; torch's (1 - y) x - logsigmoid(x) loses ~eps |x|
     # on confidently-original tokens (x << 0), the bulk of an ELECTRA batch.
-    per_token = F.softplus(torch.where(labels.bool(), -compute, compute))
+    # threshold 40 (torch's default is 20): beyond it softplus is the identity, off by e^-40, far
+    # below float64 round-off; exp(40) still fits float32.
+    per_token = F.softplus(torch.where(labels.bool(), -compute, compute), threshold=40.0)
     if attention_mask is None:
         return logits, per_token.mean()
     weights = attention_mask.to(compute.dtype)
