@@ -26,16 +26,6 @@ META = torch.device("meta")
 BAD = (TypeError, ValueError)  # a clear Python error; never torch's RuntimeError from inside a kernel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and immune to a busy machine's
-    OpenMP spin-waits. Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def names(arg: str) -> str:
     """A regex that finds ``arg`` as a whole identifier (so 'labels' does not match 'sentence_order_label')."""
     return rf"(?<!\w){re.escape(arg)}(?!\w)"

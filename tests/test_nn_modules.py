@@ -25,16 +25,6 @@ import bertfast
 TIGHT = dict(rtol=1e-12, atol=1e-12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and immune to a busy machine's
-    OpenMP spin-waits. Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def assert_float64_equal(ours: torch.Tensor, theirs: torch.Tensor, what: str = "") -> None:
     torch.testing.assert_close(ours, theirs, **TIGHT, msg=lambda m: f"{what}: {m}")
 

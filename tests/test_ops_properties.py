@@ -887,21 +887,22 @@ def test_rtd_loss_matches_naive(data):
     assert (loss is None) == (labels is None)
 
 
-@pytest.mark.parametrize("logit,label", [(8.0, 1), (-8.0, 0)])
-def test_rtd_loss_confident_tokens(logit, label):
-    """Confidently classified tokens (logits near +-8, on the right side): each token's loss is
-    log1p(exp(-8)) = 3.4e-4, which the written-out BCE max(x, 0) - x y + log1p(exp(-|x|)) gets to
-    float32 round-off of the loss itself. (Gradients: see test_rtd_loss_matches_naive.)
+@pytest.mark.parametrize("logit,label,dtype", [
+    (8.0, 1, torch.float32), (-8.0, 0, torch.float32),  # confidently right: loss ~3.4e-4 per token
+    (22.0, 0, torch.float64), (-22.0, 1, torch.float64),  # confidently wrong: loss ~22, grad 1 - 2.8e-10
+])
+def test_rtd_loss_extreme_logits(logit, label, dtype):
+    """Tokens far from the decision boundary keep the reference accurate.
 
-    Regression test: F.binary_cross_entropy_with_logits, which the torch backend used before
-    commit 651adf2, evaluates (1 - y) x - logsigmoid(x); for x << 0 and y = 0 -- an original token
-    the discriminator is sure of, the bulk of an ELECTRA batch -- that subtracts two numbers of size
-    |x|, and this test measured a loss error ~1000x the plain formula's (relative 9e-4 per token
-    at x = -8). The softplus(+-x) form now used passes both cases.
+    Confidently right (float32): each token's loss is log1p(exp(-8)) = 3.4e-4. Regression test:
+    F.binary_cross_entropy_with_logits, which the torch backend used before commit 651adf2,
+    evaluates (1 - y) x - logsigmoid(x), which cancels for x << 0, y = 0 (an original token the
+    discriminator is sure of, the bulk of an ELECTRA batch): relative error 9e-4 per token at -8.
+    Confidently wrong (float64, gradients too): guards the softplus threshold; torch's default (20)
+    makes softplus the identity above 20, off by e^-|x| (2.8e-10 at 22).
     """
     gen = torch.Generator().manual_seed(0)
     B, T, H = 4, 16, 8
-    dtype = torch.float32
     labels = torch.full((B, T), label)
     inputs = dict(hidden=randn(gen, (B, T, H), dtype), dense_weight=randn(gen, (H, H), dtype, 0.1),
                   dense_bias=None, prediction_weight=randn(gen, (1, H), dtype, 0.1),
@@ -916,35 +917,9 @@ def test_rtd_loss_confident_tokens(logit, label):
         logits = naive_linear(z, prediction_weight, prediction_bias)[..., 0]
         return naive_bce_with_logits(logits, labels.to(logits.dtype)).sum() / (B * T)
 
-    check_op("rtd_loss (confident tokens)", op, naive, inputs, [], gen, dtype=dtype)
-
-
-@pytest.mark.parametrize("logit,label", [(22.0, 0), (-22.0, 1)])
-def test_rtd_loss_float64_confidently_wrong_tokens(logit, label):
-    """float64, logits near +-22 on the WRONG side (a badly misclassified token: loss ~22, gradient
-    w.r.t. the logit 1 - e^-22 = 1 - 2.8e-10): the float64 reference must stay ~1e-10 accurate.
-    Guards the softplus threshold of the torch backend: torch's default (20) makes softplus the
-    identity above 20, off by e^-|x| (2.8e-10 at 22) in float64.
-    """
-    gen = torch.Generator().manual_seed(0)
-    B, T, H = 2, 8, 4
-    dtype = torch.float64
-    labels = torch.full((B, T), label)
-    inputs = dict(hidden=randn(gen, (B, T, H), dtype), dense_weight=randn(gen, (H, H), dtype, 0.1),
-                  dense_bias=None, prediction_weight=randn(gen, (1, H), dtype, 0.1),
-                  prediction_bias=torch.tensor([logit], dtype=dtype))
-
-    def op(hidden, dense_weight, dense_bias, prediction_weight, prediction_bias):
-        return rtd_loss(hidden, dense_weight, dense_bias, prediction_weight, prediction_bias, labels,
-                        backend="torch")[1]
-
-    def naive(hidden, dense_weight, dense_bias, prediction_weight, prediction_bias):
-        z = naive_gelu(naive_linear(hidden, dense_weight, dense_bias), "none")
-        logits = naive_linear(z, prediction_weight, prediction_bias)[..., 0]
-        return naive_bce_with_logits(logits, labels.to(logits.dtype)).sum() / (B * T)
-
-    check_op("rtd_loss (float64, confidently wrong)", op, naive, inputs,
-             ["hidden", "dense_weight", "prediction_weight", "prediction_bias"], gen, dtype=dtype)
+    # float32 gradients of these tiny losses are covered by test_rtd_loss_matches_naive.
+    grads = ["hidden", "dense_weight", "prediction_weight", "prediction_bias"] if dtype == torch.float64 else []
+    check_op(f"rtd_loss (logit {logit}, label {label})", op, naive, inputs, grads, gen, dtype=dtype)
 
 
 def test_rtd_loss_all_padding_is_zero():
