@@ -3,8 +3,9 @@
     python -m pytest benchmarks --benchmark-only
 
 One forward + backward of a BERT-style encoder on a ragged batch; both models hold the same
-weights. On a CPU both run the torch reference path, so this measures the overhead of bertfast's
-dispatch and validation (expected: none measurable); the GPU kernels change that once they land.
+weights. On a CPU bertfast runs its torch reference path, so this measures what dispatch,
+validation and the reference's NaN-safe masking (zeroing padded keys/values) cost against
+transformers; the GPU kernels change the comparison once they land.
 """
 
 from __future__ import annotations
