@@ -58,13 +58,12 @@ class Embeddings(nn.Module):
         lead = input_ids if input_ids is not None else inputs_embeds
         if lead is None:
             raise ValueError("input_ids: give `input_ids` or `inputs_embeds`")
+        which = "input_ids" if input_ids is not None else "inputs_embeds"
         if lead.dim() < 2:
-            which = "input_ids" if input_ids is not None else "inputs_embeds"
             raise ValueError(f"{which}: expected (batch, seq_len{'' if input_ids is not None else ', dim'}), "
                              f"got shape {tuple(lead.shape)}")
         B, T = lead.shape[:2]
         if position_ids is None and T > self.max_sequence_length:
-            which = "input_ids" if input_ids is not None else "inputs_embeds"
             raise ValueError(f"{which}: sequence length {T} is longer than the position table allows "
                              f"({self.max_sequence_length} tokens; max_position_embeddings="
                              f"{self.position_embeddings.num_embeddings})")
