@@ -185,3 +185,21 @@ def test_encoders_trace_with_torch_compile_fullgraph(cls, mtype):
     ids, mask, types = ragged_batch(mtype)
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # graph capture without codegen
     assert_rel_close(compiled(ids, mask, types).last_hidden_state, model(ids, mask, types).last_hidden_state, 1e-6)
+
+
+def test_labels_are_read_once_per_step_and_again_after_an_in_place_write(monkeypatch):
+    """The model checks label values before the encoder; the loss op must not read them again
+    (one reduction and, on a GPU, one sync each), unless they were modified in between."""
+    model = models.BertForPreTraining(models.BertConfig(**SIZES))
+    ids, mask, types = ragged_batch("bert")
+    labels = mlm_labels(ids, mask)
+    pair = torch.tensor([0, 1, 1, 0])
+    reads = []
+    real_aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t, *a, **k: reads.append(t.shape) or real_aminmax(t, *a, **k))
+    model(ids, mask, types, labels=labels, next_sentence_label=pair)
+    # input_ids, token_type_ids, position ids, labels, next_sentence_label: once each.
+    assert len(reads) == 5, reads
+    labels[0, 1] = SIZES["vocab_size"]  # an in-place write after the first check
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, mask, types, labels=labels, next_sentence_label=pair)

@@ -8,11 +8,18 @@ switched off with ``bertfast.ops.checks.VALUE_CHECKS = False`` in a tuned traini
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Sequence
 
 import torch
 
 VALUE_CHECKS = True
+
+# The last few (tensor, (version, high, allow)) that passed `index_range`: a model checks its labels
+# before the encoder runs and the loss op would check them again (one more reduction and, on a GPU,
+# one more sync). Holding the tensor keeps its identity unique; its version counter moves on any
+# in-place write, so a modified tensor is checked again.
+_ACCEPTED: deque = deque(maxlen=8)
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -82,12 +89,15 @@ def index_range(op: str, name: str, ids: torch.Tensor, high: int, what: str, all
     """Every id must be in [0, high); ``allow`` is one extra permitted value (e.g. ignore_index)."""
     if not _value_checks_enabled() or ids.numel() == 0 or ids.device.type == "meta":  # meta: no values to read
         return
-    values = ids if allow is None else ids[ids != allow]
-    if values.numel() == 0:
+    key = (ids._version, high, allow)
+    if any(seen is ids and seen_key == key for seen, seen_key in _ACCEPTED):
         return
-    lo, hi = torch.aminmax(values)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= high:
-        bad = lo if lo < 0 else hi
-        extra = "" if allow is None else f" (or {allow})"
-        raise ValueError(f"{op}: `{name}` holds {bad}, outside [0, {high}){extra}: {what}")
+    values = ids if allow is None else ids[ids != allow]
+    if values.numel() > 0:
+        lo, hi = torch.aminmax(values)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= high:
+            bad = lo if lo < 0 else hi
+            extra = "" if allow is None else f" (or {allow})"
+            raise ValueError(f"{op}: `{name}` holds {bad}, outside [0, {high}){extra}: {what}")
+    _ACCEPTED.append((ids, key))
