@@ -27,4 +27,13 @@ def to_hf(model, attn_implementation=None):
     return hf.to_hf(model, attn_implementation=attn_implementation)
 
 
-__all__ = ["__version__", "models", "nn", "ops", "use_backend", "record_backends", "from_hf", "to_hf"]
+def register_hf_attention(name="bertfast"):
+    """Make ``attn_implementation=name`` in transformers run ``bertfast.ops.attention``; see
+    ``bertfast.hf_attention``."""
+    from bertfast import hf_attention
+
+    hf_attention.register(name)
+
+
+__all__ = ["__version__", "from_hf", "models", "nn", "ops", "record_backends", "register_hf_attention", "to_hf",
+           "use_backend"]
