@@ -4,6 +4,7 @@ from bertfast.models.albert import AlbertConfig, AlbertForMaskedLM, AlbertForPre
 from bertfast.models.bert import BertConfig, BertForPreTraining, BertModel
 from bertfast.models.electra import (ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining, ElectraModel,
                                      ElectraPretrainingModel, make_generator_config)
+from bertfast.models.layers import set_unpad
 from bertfast.models.roberta import RobertaConfig, RobertaForMaskedLM, RobertaModel
 
 __all__ = [
@@ -11,5 +12,5 @@ __all__ = [
     "AlbertConfig", "AlbertModel", "AlbertForPreTraining", "AlbertForMaskedLM",
     "RobertaConfig", "RobertaModel", "RobertaForMaskedLM",
     "ElectraConfig", "ElectraModel", "ElectraForPreTraining", "ElectraForMaskedLM", "ElectraPretrainingModel",
-    "make_generator_config",
+    "make_generator_config", "set_unpad",
 ]

@@ -25,10 +25,10 @@ from bertfast import ops
 from bertfast.models import inputs
 from bertfast.models.bert import make_embeddings
 from bertfast.models.config import EncoderConfig
-from bertfast.models.layers import (MaskedLMModel, init_weights, mlm_logits, mlm_loss, tie_mlm_decoder,
+from bertfast.models.layers import (MaskedLMModel, encode, init_weights, mlm_logits, mlm_loss, tie_mlm_decoder,
                                     wants_logits)
 from bertfast.models.outputs import AlbertForPreTrainingOutput, BaseModelOutputWithPooling
-from bertfast.nn import LayerNorm, LinearGELU, SelfAttention
+from bertfast.nn import LayerNorm, LinearGELU, Packing, SelfAttention
 from bertfast.ops.bias_gelu import approximate_of
 
 SHARING_MODES = ("all", "none", "attention", "ffn")
@@ -95,7 +95,7 @@ class AlbertAttention(SelfAttention):
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | Packing | None = None) -> torch.Tensor:
         context = super().forward(hidden_states, key_padding_mask)
         p = self.output_dropout.p if self.training else 0.0
         return self.LayerNorm(self.dense(context), residual=hidden_states, dropout_p=p)
@@ -119,7 +119,7 @@ class AlbertLayer(nn.Module):
     def feed_forward(self, attention_output: torch.Tensor) -> torch.Tensor:
         return self.full_layer_layer_norm(self.ffn_output(self.ffn(attention_output)), residual=attention_output)
 
-    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None,
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | Packing | None,
                 attention_from: "AlbertLayer | None" = None, feed_forward_from: "AlbertLayer | None" = None):
         attention_output = (attention_from or self).attention(hidden_states, key_padding_mask)
         return (feed_forward_from or self).feed_forward(attention_output)
@@ -149,8 +149,9 @@ class AlbertTransformer(nn.Module):
                 [AlbertLayer(config, attention=own_attention, feed_forward=not own_attention)
                  for _ in range(config.num_hidden_layers * config.inner_group_num)])
 
-    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, T, H) already projected (the embedding op applies ``embedding_hidden_mapping_in``)."""
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | Packing | None) -> torch.Tensor:
+        """(B, T, H) already projected (the embedding op applies ``embedding_hidden_mapping_in``), or
+        packed (total_tokens, H) with its ``Packing``."""
         cfg = self.config
         for step in range(cfg.num_hidden_layers):
             group = self.albert_layer_groups[cfg.group_of(step)]
@@ -177,6 +178,7 @@ class AlbertModel(nn.Module):
         else:
             self.pooler = None
             self.pooler_activation = None
+        self.unpad: bool | None = None  # see BertModel
         init_weights(self, config.initializer_range)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -191,7 +193,7 @@ class AlbertModel(nn.Module):
                                        token_type_ids, position_ids)
         hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds,
                                  projection=self.encoder.embedding_hidden_mapping_in)
-        hidden = self.encoder(hidden, mask)
+        hidden = encode(self.encoder, hidden, mask, self.unpad)
         pooled = self.pooler_activation(self.pooler(hidden[:, 0])) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
 

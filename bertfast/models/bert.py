@@ -13,7 +13,7 @@ from torch import nn
 from bertfast import ops
 from bertfast.models import inputs
 from bertfast.models.config import EncoderConfig
-from bertfast.models.layers import (Encoder, Pooler, init_weights, mlm_logits, mlm_loss, tie_mlm_decoder,
+from bertfast.models.layers import (Encoder, Pooler, encode, init_weights, mlm_logits, mlm_loss, tie_mlm_decoder,
                                     wants_logits)
 from bertfast.models.outputs import BaseModelOutputWithPooling, BertForPreTrainingOutput
 from bertfast.nn import Embeddings, LayerNorm
@@ -35,7 +35,12 @@ def make_embeddings(config: EncoderConfig, position_padding_idx: int | None = No
 
 
 class BertModel(nn.Module):
-    """Embeddings -> L post-LN transformer layers -> optional tanh pooler over the first token."""
+    """Embeddings -> L post-LN transformer layers -> optional tanh pooler over the first token.
+
+    ``unpad`` (attribute; ``bertfast.models.set_unpad``): None = run CUDA batches with padding
+    unpadded, True/False = always/never (see ``layers.encode``). Unpadded, ``last_hidden_state``
+    is zero at padded positions; padded, it holds what the layers compute there.
+    """
 
     # RoBERTa sets this: position ids count real tokens from pad_token_id + 1.
     padding_aware_positions = False
@@ -46,6 +51,7 @@ class BertModel(nn.Module):
         self.embeddings = make_embeddings(config, config.pad_token_id if self.padding_aware_positions else None)
         self.encoder = Encoder(config)
         self.pooler = Pooler(config) if add_pooling_layer else None
+        self.unpad: bool | None = None
         init_weights(self, config.initializer_range)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -59,7 +65,7 @@ class BertModel(nn.Module):
         mask = inputs.key_padding_mask(type(self).__name__, input_ids, inputs_embeds, attention_mask,
                                        token_type_ids, position_ids)
         hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-        hidden = self.encoder(hidden, mask)
+        hidden = encode(self.encoder, hidden, mask, self.unpad)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
 

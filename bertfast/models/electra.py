@@ -18,7 +18,7 @@ from bertfast import ops
 from bertfast.models import inputs
 from bertfast.models.bert import make_embeddings
 from bertfast.models.config import EncoderConfig
-from bertfast.models.layers import Encoder, MaskedLMModel, init_weights, mlm_logits, mlm_loss
+from bertfast.models.layers import Encoder, MaskedLMModel, encode, init_weights, mlm_logits, mlm_loss
 from bertfast.models.outputs import BaseModelOutput, ElectraForPreTrainingOutput, ElectraPretrainingOutput
 from bertfast.nn import LayerNorm
 from bertfast.ops.bias_gelu import approximate_of
@@ -65,6 +65,7 @@ class ElectraModel(nn.Module):
         else:
             self.embeddings_project = None
         self.encoder = Encoder(config)
+        self.unpad: bool | None = None  # see BertModel
         init_weights(self, config.initializer_range)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -78,7 +79,7 @@ class ElectraModel(nn.Module):
                                        token_type_ids, position_ids)
         hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds,
                                  projection=self.embeddings_project)
-        return BaseModelOutput(last_hidden_state=self.encoder(hidden, mask))
+        return BaseModelOutput(last_hidden_state=encode(self.encoder, hidden, mask, self.unpad))
 
 
 class ElectraDiscriminatorPredictions(nn.Module):

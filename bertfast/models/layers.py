@@ -12,7 +12,7 @@ from bertfast import ops
 from bertfast.models import inputs
 from bertfast.models.config import EncoderConfig
 from bertfast.models.outputs import MaskedLMOutput
-from bertfast.nn import LayerNorm, LinearGELU, SelfAttention
+from bertfast.nn import LayerNorm, LinearGELU, Packing, SelfAttention
 from bertfast.ops.bias_gelu import approximate_of
 
 
@@ -38,7 +38,7 @@ class Attention(nn.Module):
         self.self = SelfAttention(config.hidden_size, config.num_attention_heads, config.attention_probs_dropout_prob)
         self.output = ResidualOutput(config.hidden_size, config)
 
-    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | Packing | None) -> torch.Tensor:
         return self.output(self.self(hidden_states, key_padding_mask), hidden_states)
 
 
@@ -61,7 +61,7 @@ class TransformerLayer(nn.Module):
         self.intermediate = Intermediate(config)
         self.output = ResidualOutput(config.intermediate_size, config)
 
-    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | Packing | None) -> torch.Tensor:
         attention_output = self.attention(hidden_states, key_padding_mask)
         return self.output(self.intermediate(attention_output), attention_output)
 
@@ -71,10 +71,40 @@ class Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([TransformerLayer(config) for _ in range(config.num_hidden_layers)])
 
-    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | Packing | None) -> torch.Tensor:
         for layer in self.layer:
             hidden_states = layer(hidden_states, key_padding_mask)
         return hidden_states
+
+
+def wants_unpadding(unpad: bool | None, key_padding_mask: torch.Tensor | None, hidden: torch.Tensor) -> bool:
+    """``unpad`` True/False forces the choice; None (the default) unpads CUDA batches that hold
+    padding. Never while torch.compile traces: the real-token count is data, and a compiled graph
+    must not depend on it (the padded path compiles with dynamic shapes instead)."""
+    if key_padding_mask is None or unpad is False or torch.compiler.is_compiling():
+        return False
+    if unpad is None:
+        return hidden.is_cuda and not bool(key_padding_mask.all())
+    return True
+
+
+def encode(encoder: nn.Module, hidden: torch.Tensor, key_padding_mask: torch.Tensor | None,
+           unpad: bool | None) -> torch.Tensor:
+    """Run ``encoder(hidden, mask)`` padded, or unpadded: pack the real tokens once, run every layer
+    on (total_tokens, H) with varlen attention, unpack at the end. Unpadded, the real tokens'
+    outputs equal the padded path's and padded positions hold zeros."""
+    if not wants_unpadding(unpad, key_padding_mask, hidden):
+        return encoder(hidden, key_padding_mask)
+    packing = Packing.of(key_padding_mask)
+    return packing.unpack(encoder(packing.pack(hidden), packing))
+
+
+def set_unpad(model: nn.Module, unpad: bool | None) -> nn.Module:
+    """Set the unpadding policy of every encoder inside ``model`` (see ``wants_unpadding``)."""
+    for module in model.modules():
+        if hasattr(module, "unpad"):
+            module.unpad = unpad
+    return model
 
 
 class Pooler(nn.Module):

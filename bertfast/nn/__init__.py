@@ -5,5 +5,6 @@ from bertfast.nn.embeddings import Embeddings
 from bertfast.nn.layer_norm import LayerNorm
 from bertfast.nn.linear_gelu import LinearGELU
 from bertfast.nn.self_attention import SelfAttention
+from bertfast.nn.unpadding import Packing
 
-__all__ = ["Embeddings", "LayerNorm", "LinearGELU", "SelfAttention"]
+__all__ = ["Embeddings", "LayerNorm", "LinearGELU", "Packing", "SelfAttention"]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bertfast import ops
+from bertfast.nn.unpadding import Packing
 from bertfast.ops import checks
 
 
@@ -33,15 +34,22 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(hidden_size, hidden_size, **factory)
         self.dropout = nn.Dropout(attention_probs_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, hidden) and (B, T) bool (True = real token) -> (B, T, hidden) attention context."""
-        if hidden_states.dim() != 3:
-            raise ValueError(f"hidden_states: expected (batch, seq_len, hidden), got {tuple(hidden_states.shape)}")
-        B, T, _ = hidden_states.shape
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | Packing | None = None) -> torch.Tensor:
+        """(B, T, hidden) with a (B, T) bool mask (True = real token) -> (B, T, hidden) attention context;
+        or packed (total_tokens, hidden) with its ``Packing`` -> (total_tokens, hidden) (varlen attention)."""
+        packed = isinstance(key_padding_mask, Packing)
+        if hidden_states.dim() != (2 if packed else 3):
+            want = "(total_tokens, hidden) with a Packing" if packed else "(batch, seq_len, hidden)"
+            raise ValueError(f"hidden_states: expected {want}, got {tuple(hidden_states.shape)}")
+        lead = hidden_states.shape[:-1]
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3*hidden, hidden)
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = F.linear(hidden_states, weight, bias).view(B, T, 3, self.num_attention_heads, self.attention_head_size)
-        q, k, v = qkv.unbind(2)  # each (B, T, heads, head_dim), strided views
-        context = ops.attention(q, k, v, key_padding_mask=key_padding_mask,
-                                dropout_p=self.dropout.p if self.training else 0.0)
-        return context.reshape(B, T, -1)
+        qkv = F.linear(hidden_states, weight, bias).view(*lead, 3, self.num_attention_heads, self.attention_head_size)
+        q, k, v = qkv.unbind(-3)  # each (*lead, heads, head_dim), strided views
+        p = self.dropout.p if self.training else 0.0
+        if packed:
+            context = ops.attention(q, k, v, cu_seqlens=key_padding_mask.cu_seqlens,
+                                    max_seqlen=key_padding_mask.max_seqlen, dropout_p=p)
+        else:
+            context = ops.attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=p)
+        return context.reshape(*lead, -1)
