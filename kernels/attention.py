@@ -162,7 +162,7 @@ def _attn_fwd_kernel(
     tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
     lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-    lse_base = LSE + h * lse_stride_h + b64 * lse_rows_per_batch + first
+    lse_base = LSE + h.to(tl.int64) * lse_stride_h + b64 * lse_rows_per_batch + first
     tl.store(lse_base + offs_m, lse, mask=m_ok)
 
 
@@ -191,7 +191,8 @@ def _attn_bwd_delta_kernel(
     do = tl.load(DO + b64 * stride_dob + first * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot
                  + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + h * lse_stride_h + b64 * lse_rows_per_batch + first + offs_m, delta, mask=offs_m < seqlen_q)
+    delta_base = DELTA + h.to(tl.int64) * lse_stride_h + b64 * lse_rows_per_batch + first
+    tl.store(delta_base + offs_m, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -219,8 +220,8 @@ def _attn_bwd_dkdv_kernel(
     b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + first * stride_qt + h * stride_qh
     do_base = DO + b64 * stride_dob + first * stride_dot + h * stride_doh
-    lse_base = LSE + h * lse_stride_h + b64 * lse_rows_per_batch + first
-    delta_base = DELTA + h * lse_stride_h + b64 * lse_rows_per_batch + first
+    lse_base = LSE + h.to(tl.int64) * lse_stride_h + b64 * lse_rows_per_batch + first
+    delta_base = DELTA + h.to(tl.int64) * lse_stride_h + b64 * lse_rows_per_batch + first
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -302,7 +303,7 @@ def _attn_bwd_dq_kernel(
                 + offs_d[None, :], mask=qd_mask, other=0.0)
     do = tl.load(DO + b64 * stride_dob + first * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot
                  + offs_d[None, :], mask=qd_mask, other=0.0)
-    row = h * lse_stride_h + b64 * lse_rows_per_batch + first + offs_m
+    row = h.to(tl.int64) * lse_stride_h + b64 * lse_rows_per_batch + first + offs_m
     lse2 = tl.load(LSE + row, mask=m_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
     if DROPOUT:
@@ -429,7 +430,7 @@ def _dropout_args(dropout_p: float) -> tuple[int, float]:
     return threshold, (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
 
 
-def _problem(q, k, key_padding_mask, cu_seqlens, max_seqlen):
+def _problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen):
     varlen = cu_seqlens is not None
     H = q.shape[-2]
     if varlen:
@@ -438,6 +439,11 @@ def _problem(q, k, key_padding_mask, cu_seqlens, max_seqlen):
     else:
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         rows_per_batch, rows = seqlen_q, batch * seqlen_q
+    row_axis = 0 if varlen else 1
+    largest = max(seqlen_q, seqlen_k) * max(t.stride(row_axis) for t in (q, k, v))
+    if largest >= 2**31:
+        raise ValueError(f"attention: one sequence spans {largest} elements (max_seqlen x row stride), past the "
+                         "int32 in-sequence offsets of the kernels; batch and sequence offsets are int64")
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     return varlen, batch, H, seqlen_q, seqlen_k, rows_per_batch, rows, mask
 
@@ -448,7 +454,7 @@ def attention_fwd(q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqlen=No
     and ``max_seqlen``; key_padding_mask (B, Tk) bool (padded only); seed: int64 tensor (1,) on the
     device, needed when dropout_p > 0. Returns out (same shape as q, contiguous) and lse (H, rows)
     float32, +inf for rows without a real key."""
-    varlen, batch, H, seqlen_q, seqlen_k, rows_per_batch, rows, mask = _problem(q, k, key_padding_mask,
+    varlen, batch, H, seqlen_q, seqlen_k, rows_per_batch, rows, mask = _problem(q, k, v, key_padding_mask,
                                                                                 cu_seqlens, max_seqlen)
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else scale
@@ -482,7 +488,7 @@ def attention_bwd(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlens=Non
     Default: one key-major pass computes dk, dv and adds dq through float32 atomics.
     ``deterministic=True``: a second, query-major pass computes dq without atomics, so the result
     is bitwise repeatable. ``configs`` = (dkdv config, dq config) overrides the tuned choice."""
-    varlen, batch, H, seqlen_q, seqlen_k, rows_per_batch, _, mask = _problem(q, k, key_padding_mask, cu_seqlens,
+    varlen, batch, H, seqlen_q, seqlen_k, rows_per_batch, _, mask = _problem(q, k, v, key_padding_mask, cu_seqlens,
                                                                              max_seqlen)
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else scale
