@@ -117,15 +117,20 @@ def _check_packing(name, q, cu_seqlens, max_seqlen, key_padding_mask) -> None:
                          "sequences hold only real tokens")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
         raise ValueError(f"{name}: `max_seqlen` must be a positive int with `cu_seqlens`, got {max_seqlen!r}")
-    if checks._value_checks_enabled() and cu_seqlens.device.type != "meta":
+    key = ("cu_seqlens", q.shape[0], max_seqlen)
+    if checks._value_checks_enabled() and cu_seqlens.device.type != "meta" and not checks.already_accepted(
+            cu_seqlens, key):
+        # One read (one sync on a GPU), once per offsets tensor: every layer of an unpadded encoder
+        # passes the same cu_seqlens, and only the first call reads it.
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        first, last, shortest, longest = (int(x) for x in (cu_seqlens[0], cu_seqlens[-1], lengths.min(),
-                                                           lengths.max()))
+        first, last, shortest, longest = torch.stack([cu_seqlens[0], cu_seqlens[-1], lengths.min(),
+                                                      lengths.max()]).tolist()
         if first != 0 or last != q.shape[0] or shortest < 0:
             raise ValueError(f"{name}: `cu_seqlens` must rise from 0 to total_tokens = {q.shape[0]}, got "
                              f"first {first}, last {last}, smallest step {shortest}")
         if longest > max_seqlen:
             raise ValueError(f"{name}: `max_seqlen` is {max_seqlen} but `cu_seqlens` holds a sequence of {longest}")
+        checks.accept(cu_seqlens, key)
 
 
 def _seed_tensor(name: str, seed, device: torch.device) -> torch.Tensor:

@@ -81,6 +81,16 @@ def probability(op: str, name: str, p: float) -> None:
         raise ValueError(f"{op}: `{name}` must be in [0, 1), got {p}")
 
 
+def already_accepted(t: torch.Tensor, key: tuple) -> bool:
+    """Whether ``t``, unmodified since, passed the value check ``key`` recently (see ``_ACCEPTED``)."""
+    full_key = (t._version, *key)
+    return any(seen is t and seen_key == full_key for seen, seen_key in _ACCEPTED)
+
+
+def accept(t: torch.Tensor, key: tuple) -> None:
+    _ACCEPTED.append((t, (t._version, *key)))
+
+
 def _value_checks_enabled() -> bool:
     return VALUE_CHECKS and not torch.compiler.is_compiling()
 
@@ -89,8 +99,8 @@ def index_range(op: str, name: str, ids: torch.Tensor, high: int, what: str, all
     """Every id must be in [0, high); ``allow`` is one extra permitted value (e.g. ignore_index)."""
     if not _value_checks_enabled() or ids.numel() == 0 or ids.device.type == "meta":  # meta: no values to read
         return
-    key = (ids._version, high, allow)
-    if any(seen is ids and seen_key == key for seen, seen_key in _ACCEPTED):
+    key = ("index_range", high, allow)
+    if already_accepted(ids, key):
         return
     values = ids if allow is None else ids[ids != allow]
     if values.numel() > 0:
@@ -100,4 +110,4 @@ def index_range(op: str, name: str, ids: torch.Tensor, high: int, what: str, all
             bad = lo if lo < 0 else hi
             extra = "" if allow is None else f" (or {allow})"
             raise ValueError(f"{op}: `{name}` holds {bad}, outside [0, {high}){extra}: {what}")
-    _ACCEPTED.append((ids, key))
+    accept(ids, key)
