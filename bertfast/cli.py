@@ -1,4 +1,4 @@
-"""The `bertfast` command: `bertfast info`, `bertfast demo`."""
+"""The `bertfast` command: `bertfast info`, `bertfast demo`, `bertfast static-report`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch", type=int, default=8)
     demo.add_argument("--seq-len", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
+    static = sub.add_parser("static-report", help="compile every attention kernel config for sm_80 and sm_90 "
+                            "(no GPU needed) and tabulate registers, spills, shared memory and HGMMA use")
+    static.add_argument("--out", metavar="PATH", help="also write the Markdown report to PATH")
+    static.add_argument("--quick", action="store_true", help="only the heavy subset the test compiles (minutes, not ~10)")
+    static.add_argument("--jobs", type=int, default=None, help="compiles at a time (default: one per CPU)")
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -29,6 +34,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch < 1 or args.seq_len < 8:
             parser.error("--batch must be >= 1 and --seq-len >= 8")
         demo_mod.run(batch=args.batch, seq_len=args.seq_len, seed=args.seed)
+    elif args.command == "static-report":
+        import time
+
+        from bertfast import kernel_report
+
+        missing = kernel_report.missing_tools()
+        if missing:
+            parser.error(f"static-report: {missing}")
+        todo = kernel_report.quick_variants() if args.quick else kernel_report.variants(flags="extremes")
+
+        def progress(done, total, row):
+            print(f"\r[{done}/{total}] {row.variant.kind} sm_{row.variant.arch} {row.variant.dtype} "
+                  f"BLOCK_D={row.variant.block_d} {row.variant.config} {row.compile_s:.1f} s   ", end="",
+                  file=sys.stderr, flush=True)
+
+        start = time.perf_counter()
+        rows = kernel_report.compile_all(todo, jobs=args.jobs, progress=progress)
+        print(file=sys.stderr)
+        command = "bertfast static-report" + (" --quick" if args.quick else "")
+        scope = kernel_report.QUICK_SCOPE if args.quick else kernel_report.FULL_SCOPE
+        text = kernel_report.render(rows, command, time.perf_counter() - start, scope)
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
     return 0
 
 

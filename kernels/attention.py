@@ -351,24 +351,55 @@ def block_d(head_dim: int) -> int:
 
 def candidate_configs(kind: str, head_dim: int, dtype: torch.dtype) -> list[Config]:
     """Every configuration the dispatcher may pick for a kernel kind ("fwd", "bwd_dkdv", "bwd_dq"),
-    best guess first. float32 tiles are smaller: twice the bytes per element in shared memory and
-    registers. The static report compiles each of them for sm_80 and sm_90."""
-    wide = block_d(head_dim) > 64
+    best guess for an H100 first (the one launched when autotune is off), by BLOCK_D: the float32
+    accumulators grow with it, so wide heads take fewer rows and more warps. A head dim that is not
+    a multiple of 16 (40, 72, ...) gets the JIT no divisibility hint, so its loads are scalar and
+    masked, without async copies, and need more registers: wide heads then take smaller tiles.
+    float32 tiles are smaller still (full-precision FMA dots). None of them spills on sm_80 or
+    sm_90 with any flags; the static report compiles each (benchmarks/STATIC.md)."""
+    if kind not in ("fwd", "bwd_dkdv", "bwd_dq"):
+        raise ValueError(f"kind: unknown kernel kind {kind!r}")
+    bd, aligned = block_d(head_dim), head_dim % 16 == 0
     if dtype == torch.float32:
-        return [Config(64, 32, 4, 2), Config(32, 32, 4, 2)]
+        if kind == "fwd":
+            if bd <= 64:
+                return [Config(32, 32, 8, 2), Config(32, 16, 4, 2), Config(16, 32, 4, 2)]
+            return [Config(16, 32, 8, 2), Config(16, 16, 4, 2)]
+        if kind == "bwd_dkdv":  # block_n = keys held by the program, block_m = query step
+            if bd <= 32:
+                return [Config(32, 32, 4, 2), Config(16, 32, 8, 2), Config(16, 16, 4, 2)]
+            if bd == 64:
+                return [Config(32, 32, 8, 2), Config(32, 16, 8, 2), Config(32, 16, 4, 2)]
+            return [Config(32, 16, 8, 2), Config(32, 16, 4, 2)]
+        if bd <= 64:  # bwd_dq: block_m = queries held by the program, block_n = key step
+            return [Config(32, 32, 4, 2), Config(32, 16, 8, 2), Config(32, 16, 4, 2)]
+        return [Config(32, 32, 8, 2), Config(32, 16, 4, 2), Config(16, 32, 4, 2)]
     if kind == "fwd":
-        if wide:
-            return [Config(128, 64, 8, 3), Config(128, 32, 4, 3), Config(64, 64, 4, 3)]
-        return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 4)]
+        if bd <= 32:
+            return [Config(128, 128, 8, 3), Config(128, 32, 8, 3), Config(64, 64, 4, 4)]
+        if bd == 64:
+            return [Config(128, 64, 8, 3), Config(128, 32, 8, 3), Config(64, 64, 4, 3)]
+        if aligned:
+            return [Config(128, 32, 8, 3), Config(64, 64, 8, 3), Config(64, 32, 4, 3)]
+        return [Config(64, 64, 8, 3), Config(128, 16, 8, 3), Config(64, 32, 4, 3)]
     if kind == "bwd_dkdv":  # block_n = keys held by the program, block_m = query step
-        if wide:
-            return [Config(32, 64, 4, 2), Config(64, 64, 8, 2), Config(32, 128, 8, 2)]
-        return [Config(32, 128, 4, 3), Config(64, 64, 4, 3), Config(64, 128, 8, 3)]
-    if kind == "bwd_dq":  # block_m = queries held by the program, block_n = key step
-        if wide:
-            return [Config(64, 32, 4, 2), Config(64, 64, 8, 2), Config(128, 32, 8, 2)]
+        if bd <= 32:
+            return [Config(64, 128, 8, 3), Config(64, 64, 8, 3), Config(64, 64, 4, 3)]
+        if bd == 64:
+            if aligned:
+                return [Config(32, 128, 8, 3), Config(32, 64, 4, 3), Config(16, 128, 4, 3)]
+            return [Config(32, 64, 8, 3), Config(32, 64, 4, 2), Config(16, 64, 4, 3)]
+        if aligned:
+            return [Config(32, 64, 8, 2), Config(16, 64, 8, 2), Config(32, 32, 8, 2)]
+        return [Config(32, 32, 8, 2), Config(16, 32, 8, 2), Config(16, 32, 4, 2)]
+    # bwd_dq: block_m = queries held by the program, block_n = key step
+    if bd <= 32:
         return [Config(128, 32, 4, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 3)]
-    raise ValueError(f"kind: unknown kernel kind {kind!r}")
+    if bd == 64:
+        return [Config(128, 32, 8, 3), Config(64, 64, 8, 3), Config(64, 64, 4, 3)]
+    if aligned:
+        return [Config(128, 32, 8, 2), Config(64, 32, 4, 2), Config(64, 64, 8, 2)]
+    return [Config(64, 32, 8, 2), Config(64, 32, 4, 2), Config(32, 64, 4, 2)]
 
 
 AUTOTUNE_ENV = "BERTFAST_AUTOTUNE"
