@@ -121,8 +121,11 @@ def test_spy_replaces_the_torch_impl_itself(monkeypatch):
     module = importlib.import_module("bertfast.ops.attention")
     ran = []
     torch_backend = module.OP.backends["torch"]
-    monkeypatch.setitem(module.OP.backends, "torch",
-                        dataclasses.replace(torch_backend, impl=lambda *a: ran.append(a) or torch_backend.impl(*a)))
+    def spy(*args, **kwargs):
+        ran.append(args)
+        return torch_backend.impl(*args, **kwargs)
+
+    monkeypatch.setitem(module.OP.backends, "torch", dataclasses.replace(torch_backend, impl=spy))
     kwargs = with_arg("attention", q=torch.zeros(B, T, HEADS, D, dtype=torch.int32))
     with pytest.raises(TypeError, match=names("q")):
         ops.attention(**kwargs)
