@@ -163,3 +163,29 @@ def test_dropout_bits_equal_a_pure_python_hash(seed):
             for j in range(cols):
                 expected = (_mix32_python(row_key ^ j) >> 8) >= threshold
                 assert keep[bh // heads, bh % heads, i, j].item() == expected, (bh, i, j)
+
+
+def test_custom_op_compiles_fullgraph_with_dynamic_shapes():
+    """The path the kernels take under torch.compile: the custom op (here with its torch backend)
+    in one graph, forward and backward, reused across sequence lengths."""
+    graphs = []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def op(q, k, v, mask):
+        return attention_forward(q, k, v, mask, None, 0, 0.0, D**-0.5, None, "torch", False)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(op, backend=count_graphs, fullgraph=True)
+    for seq_len in (5, 9, 13):
+        g = torch.Generator().manual_seed(seq_len)
+        q, k, v = (torch.randn(2, seq_len, H, D, generator=g, requires_grad=True) for _ in range(3))
+        mask = torch.ones(2, seq_len, dtype=torch.bool)
+        mask[1, seq_len // 2:] = False
+        out = compiled(q, k, v, mask)
+        torch.testing.assert_close(out, ops.attention(q, k, v, key_padding_mask=mask))
+        out.sum().backward()
+        assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert len(graphs) <= 2, f"{len(graphs)} graphs for 3 sequence lengths"
