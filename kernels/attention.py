@@ -85,6 +85,16 @@ def dropout_threshold(dropout_p: float) -> int:
 
 
 @triton.jit
+def _program(n_blocks, H):
+    """This program's (batch * heads index, block index, batch, head): programs are laid out
+    block-fastest so that neighbours share a head's keys and values in L2."""
+    pid = tl.program_id(0)
+    bh = pid // n_blocks
+    b = bh // H
+    return bh, pid % n_blocks, b, bh % H
+
+
+@triton.jit
 def _sequence(CU, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     """(first row in the packed layout (int64; 0 when padded), query length, key length)."""
     if VARLEN:
@@ -113,11 +123,7 @@ def _attn_fwd_kernel(
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = pid // n_m_blocks
-    pid_m = pid % n_m_blocks
-    b = bh // H
-    h = bh % H
+    bh, pid_m, b, h = _program(n_m_blocks, H)
     first, seqlen_q, seqlen_k = _sequence(CU, b, seqlen_q, seqlen_k, VARLEN)
     if pid_m * BLOCK_M >= seqlen_q:
         return
@@ -174,11 +180,7 @@ def _attn_bwd_delta_kernel(
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta_i = dout_i . out_i (float32), the row term of the softmax backward."""
-    pid = tl.program_id(0)
-    bh = pid // n_m_blocks
-    pid_m = pid % n_m_blocks
-    b = bh // H
-    h = bh % H
+    bh, pid_m, b, h = _program(n_m_blocks, H)
     first, seqlen_q, _ = _sequence(CU, b, seqlen_q, seqlen_q, VARLEN)
     if pid_m * BLOCK_M >= seqlen_q:
         return
@@ -209,11 +211,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     """One program per key block: dk, dv over every query block; with ATOMIC_DQ it also adds
     each block's dq share into a float32 buffer (fast, order of additions not fixed)."""
-    pid = tl.program_id(0)
-    bh = pid // n_n_blocks
-    pid_n = pid % n_n_blocks
-    b = bh // H
-    h = bh % H
+    bh, pid_n, b, h = _program(n_n_blocks, H)
     first, seqlen_q, seqlen_k = _sequence(CU, b, seqlen_q, seqlen_k, VARLEN)
     if pid_n * BLOCK_N >= seqlen_k:
         return
@@ -282,11 +280,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per query block: dq over every key block (deterministic, no atomics)."""
-    pid = tl.program_id(0)
-    bh = pid // n_m_blocks
-    pid_m = pid % n_m_blocks
-    b = bh // H
-    h = bh % H
+    bh, pid_m, b, h = _program(n_m_blocks, H)
     first, seqlen_q, seqlen_k = _sequence(CU, b, seqlen_q, seqlen_k, VARLEN)
     if pid_m * BLOCK_M >= seqlen_q:
         return
