@@ -65,3 +65,30 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, w
     scale = expected.abs().max().clamp(min=max(floor, torch.finfo(expected.dtype).tiny))
     err = ((actual - expected).abs().max() / scale).item()
     assert err <= rel, f"{what}: relative error {err:.3e} > {rel:.1e}"
+
+
+def assert_grads_close(actual: torch.nn.Module, expected: torch.nn.Module, rel: float, what: str = "",
+                       every_parameter: bool = True) -> None:
+    """Every parameter's gradient, matched by name: ``assert_rel_close`` with the largest expected
+    gradient as the floor (a parameter whose exact gradient is 0 is pure round-off on both sides).
+    ``every_parameter``: each must have a gradient; otherwise one on neither side is accepted."""
+    ours, theirs = dict(actual.named_parameters()), dict(expected.named_parameters())
+    assert set(ours) == set(theirs), f"{what}: parameter names differ"
+    largest = max(p.grad.abs().max().item() for p in theirs.values() if p.grad is not None)
+    for name, p in theirs.items():
+        if every_parameter:
+            assert p.grad is not None, f"{what} {name}: no gradient on the expected side"
+        assert (ours[name].grad is None) == (p.grad is None), f"{what} {name}: a gradient on one side only"
+        if p.grad is not None:
+            assert_rel_close(ours[name].grad, p.grad, rel, f"{what} grad {name}", floor=largest)
+
+
+def base_encoder(model_type: str) -> torch.nn.Module:
+    """The bertfast base encoder of ``model_type`` at the test sizes (float32, default init)."""
+    from bertfast import models
+
+    config_cls, model_cls = {"bert": (models.BertConfig, models.BertModel),
+                             "albert": (models.AlbertConfig, models.AlbertModel),
+                             "roberta": (models.RobertaConfig, models.RobertaModel),
+                             "electra": (models.ElectraConfig, models.ElectraModel)}[model_type]
+    return model_cls(config_cls(**{**SIZES, **EXTRA[model_type]}))

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from helpers import EXTRA, SIZES, assert_rel_close, ragged_batch, randomize_
+from helpers import EXTRA, SIZES, assert_grads_close, assert_rel_close, ragged_batch, randomize_
 
 import bertfast
 from bertfast import hf_attention
@@ -99,14 +99,7 @@ def test_outputs_and_gradients_equal_eager(class_name, dtype):
     weights = {n: torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for n, t in out_eager.items()}
     sum((out_ours[n] * w).sum() for n, w in weights.items()).backward()
     sum((out_eager[n] * w).sum() for n, w in weights.items()).backward()
-    eager_params, our_params = dict(eager.named_parameters()), dict(ours.named_parameters())
-    assert set(our_params) == set(eager_params)
-    largest = max(p.grad.abs().max().item() for p in eager_params.values() if p.grad is not None)
-    for name, p in eager_params.items():
-        assert p.grad is not None, f"{name}: no gradient with eager"
-        assert our_params[name].grad is not None, f"{name}: no gradient with bertfast"
-        assert_rel_close(our_params[name].grad, p.grad, TOLERANCE[dtype], f"{class_name} grad {name}",
-                         floor=largest)
+    assert_grads_close(ours, eager, TOLERANCE[dtype], class_name)
 
 
 @pytest.mark.parametrize("mtype", list(EXTRA))

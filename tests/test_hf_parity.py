@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bertfast
-from helpers import EXTRA, SIZES, assert_rel_close, mlm_labels, ragged_batch, randomize_
+from helpers import EXTRA, SIZES, assert_grads_close, assert_rel_close, mlm_labels, ragged_batch, randomize_
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,15 +107,7 @@ def test_gradients_match_transformers(class_name, dtype):
         assert_rel_close(out_ours.loss, out_hf.loss, TOLERANCE[dtype], f"{class_name}.loss")
     objective(out_hf).backward()
     objective(out_ours).backward()
-    hf_params = dict(hf.named_parameters())
-    our_params = dict(ours.named_parameters())
-    assert set(our_params) == set(hf_params)
-    largest = max(p.grad.abs().max().item() for p in hf_params.values() if p.grad is not None)
-    for name, p in hf_params.items():
-        assert p.grad is not None, f"{name}: no gradient in transformers"
-        assert our_params[name].grad is not None, f"{name}: no gradient in bertfast"
-        assert_rel_close(our_params[name].grad, p.grad, TOLERANCE[dtype], f"{class_name} grad {name}",
-                         floor=largest)
+    assert_grads_close(ours, hf, TOLERANCE[dtype], class_name)
 
 
 @pytest.mark.parametrize("class_name", CLASSES)

@@ -78,14 +78,13 @@ class Encoder(nn.Module):
 
 
 def wants_unpadding(unpad: bool | None, key_padding_mask: torch.Tensor | None, hidden: torch.Tensor) -> bool:
-    """``unpad`` True/False forces the choice; None (the default) unpads CUDA batches that hold
-    padding. Never while torch.compile traces: the real-token count is data, and a compiled graph
-    must not depend on it (the padded path compiles with dynamic shapes instead)."""
+    """``unpad`` True/False forces the choice; None (the default) unpads CUDA batches (``encode``
+    then runs a batch without padding padded). Never while torch.compile traces: the real-token
+    count is data, and a compiled graph must not depend on it (the padded path compiles with
+    dynamic shapes instead)."""
     if key_padding_mask is None or unpad is False or torch.compiler.is_compiling():
         return False
-    if unpad is None:
-        return hidden.is_cuda and not bool(key_padding_mask.all())
-    return True
+    return hidden.is_cuda if unpad is None else True
 
 
 def encode(encoder: nn.Module, hidden: torch.Tensor, key_padding_mask: torch.Tensor | None,
@@ -95,7 +94,9 @@ def encode(encoder: nn.Module, hidden: torch.Tensor, key_padding_mask: torch.Ten
     outputs equal the padded path's and padded positions hold zeros."""
     if not wants_unpadding(unpad, key_padding_mask, hidden):
         return encoder(hidden, key_padding_mask)
-    packing = Packing.of(key_padding_mask)
+    packing = Packing.of(key_padding_mask)  # the mask is read here once, not again to test for padding
+    if unpad is None and packing.total == packing.batch * packing.seq_len:
+        return encoder(hidden, None)  # no padding: nothing to remove, no mask to apply
     return packing.unpack(encoder(packing.pack(hidden), packing))
 
 

@@ -29,9 +29,14 @@ class Packing:
     batch: int
     seq_len: int
 
+    @property
+    def total(self) -> int:
+        return self.indices.numel()
+
     @staticmethod
     def of(key_padding_mask: torch.Tensor) -> Packing:
-        """The packing of a (B, T) bool mask (True = real token); one host sync (max_seqlen, total)."""
+        """The packing of a (B, T) bool mask (True = real token). On a GPU it reads the mask twice
+        (the longest sequence, and the positions through ``nonzero``, whose size is data)."""
         B, T = key_padding_mask.shape
         lengths = key_padding_mask.sum(1, dtype=torch.int32)
         cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=key_padding_mask.device)

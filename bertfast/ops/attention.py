@@ -125,7 +125,7 @@ def _check_packing(name, q, cu_seqlens, max_seqlen, key_padding_mask) -> None:
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
         raise ValueError(f"{name}: `max_seqlen` must be a positive int with `cu_seqlens`, got {max_seqlen!r}")
     key = ("cu_seqlens", q.shape[0], max_seqlen)
-    if checks._value_checks_enabled() and cu_seqlens.device.type != "meta" and not checks.already_accepted(
+    if checks.value_checks_enabled() and cu_seqlens.device.type != "meta" and not checks.already_accepted(
             cu_seqlens, key):
         # One read (one sync on a GPU), once per offsets tensor: every layer of an unpadded encoder
         # passes the same cu_seqlens, and only the first call reads it.
@@ -161,7 +161,8 @@ def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return (q.shape[-2], rows)  # (heads, rows)
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """Softmax statistics and lse: float32, or float64 for float64 inputs."""
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
@@ -176,7 +177,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pad
 
 @attention_forward.register_fake
 def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed, backend, deterministic):
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens is not None), dtype=_lse_dtype(q))
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens is not None), dtype=_compute_dtype(q))
 
 
 @torch.library.custom_op("bertfast::attention_backward", mutates_args=())
@@ -261,7 +262,7 @@ def _scores(q, k, v, key_padding_mask, scale):
         v = v.masked_fill(~keep, 0.0)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     # Softmax in float32 for half inputs; float32/float64 stay as they are.
-    compute = _lse_dtype(q)
+    compute = _compute_dtype(q)
     scores = scores.to(compute)
     if key_padding_mask is not None:
         scores = scores.masked_fill(~key_padding_mask[:, None, None, :], torch.finfo(compute).min)

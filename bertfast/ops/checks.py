@@ -91,13 +91,13 @@ def accept(t: torch.Tensor, key: tuple) -> None:
     _ACCEPTED.append((t, (t._version, *key)))
 
 
-def _value_checks_enabled() -> bool:
+def value_checks_enabled() -> bool:
     return VALUE_CHECKS and not torch.compiler.is_compiling()
 
 
 def index_range(op: str, name: str, ids: torch.Tensor, high: int, what: str, allow: int | None = None) -> None:
     """Every id must be in [0, high); ``allow`` is one extra permitted value (e.g. ignore_index)."""
-    if not _value_checks_enabled() or ids.numel() == 0 or ids.device.type == "meta":  # meta: no values to read
+    if not value_checks_enabled() or ids.numel() == 0 or ids.device.type == "meta":  # meta: no values to read
         return
     key = ("index_range", high, allow)
     if already_accepted(ids, key):

@@ -9,7 +9,7 @@ import torch
 
 import bertfast
 from bertfast import models
-from helpers import assert_rel_close
+from helpers import assert_grads_close, assert_rel_close
 from kernel_helpers import DEVICE
 from test_hf_parity import build_hf, hf_inputs
 
@@ -42,8 +42,4 @@ def test_encoder_on_triton_attention_equals_transformers(class_name, unpad):
         assert_rel_close(loss_ours, loss_hf, TOLERANCE, "loss")
     loss_ours.backward()  # the backward runs on the backend its forward ran on
     loss_hf.backward()
-    theirs = dict(hf.named_parameters())
-    largest = max(p.grad.abs().max().item() for p in theirs.values() if p.grad is not None)
-    for name, p in ours.named_parameters():
-        assert p.grad is not None, name
-        assert_rel_close(p.grad, theirs[name].grad, TOLERANCE, f"grad {name}", floor=largest)
+    assert_grads_close(ours, hf, TOLERANCE, class_name)
