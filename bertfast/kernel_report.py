@@ -205,7 +205,7 @@ def quick_variants() -> list[Variant]:
 def _launch_values(v: Variant) -> dict[str, object]:
     """The runtime arguments (no constexprs) the launcher would pass for the representative
     problem: a str is a pointer's element type, None a pointer left out."""
-    from bertfast.kernels.attention import dropout_threshold
+    from bertfast.kernels.rng import dropout_threshold
 
     varlen, mask, dropout = "VARLEN" in v.flags, "HAS_MASK" in v.flags, "DROPOUT" in v.flags
     dt = _TRITON_TYPE[v.dtype]

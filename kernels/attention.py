@@ -38,47 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-# ----------------------------------------------------------------------------------------------
-# Counter-based dropout RNG (the Triton and the PyTorch forms must agree bit for bit)
-
-
-@triton.jit
-def _mix32(x):
-    """lowbias32 integer hash of uint32 values (a bijection with full avalanche)."""
-    x ^= x >> 16
-    x *= 0x7FEB352D
-    x ^= x >> 15
-    x *= 0x846CA68B
-    x ^= x >> 16
-    return x
-
-
-@triton.jit
-def _head_key(SEED, bh):
-    seed = tl.load(SEED).to(tl.uint32)
-    return _mix32(_mix32(seed) ^ bh.to(tl.uint32))
-
-
-@triton.jit
-def _keep(key_bh, rows, cols, threshold):
-    """(len(rows), len(cols)) bool: dropout keeps entry (row i, col j)."""
-    row_key = _mix32(key_bh ^ rows.to(tl.uint32))
-    bits = _mix32(row_key[:, None] ^ cols.to(tl.uint32)[None, :])
-    return (bits >> 8) >= threshold
-
-
-@triton.jit
-def _keep_t(key_bh, rows, cols, threshold):
-    """(len(cols), len(rows)) bool: the transpose of ``_keep``, for the key-major backward."""
-    row_key = _mix32(key_bh ^ rows.to(tl.uint32))
-    bits = _mix32(row_key[None, :] ^ cols.to(tl.uint32)[:, None])
-    return (bits >> 8) >= threshold
-
-
-def dropout_threshold(dropout_p: float) -> int:
-    """Keep when the 24 hash bits are >= this (bertfast.ops.attention has the same, for torch)."""
-    return min(round(dropout_p * (1 << 24)), 1 << 24)
-
+from bertfast.kernels.rng import dropout_args, keep, keep_t, stream_key
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -138,7 +98,7 @@ def _attn_fwd_kernel(
     m_ok = offs_m < seqlen_q
     q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if DROPOUT:
-        key_bh = _head_key(SEED, bh)
+        key_bh = stream_key(SEED, bh)
 
     qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -157,7 +117,7 @@ def _attn_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax sum counts dropped entries too
         if DROPOUT:
-            p = tl.where(_keep(key_bh, offs_m, offs_n, drop_threshold), p, 0.0)
+            p = tl.where(keep(key_bh, offs_m, offs_n, drop_threshold), p, 0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -231,7 +191,7 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V + b64 * stride_vb + first * stride_vt + h * stride_vh + offs_n[:, None] * stride_vt
                 + offs_d[None, :], mask=kv_mask, other=0.0)
     if DROPOUT:
-        key_bh = _head_key(SEED, bh)
+        key_bh = stream_key(SEED, bh)
 
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -248,9 +208,9 @@ def _attn_bwd_dkdv_kernel(
         p_t = tl.where(key_ok[:, None], tl.math.exp2(s_t - lse2[None, :]), 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep_t = _keep_t(key_bh, offs_m, offs_n, drop_threshold)
-            pz_t = tl.where(keep_t, p_t * drop_scale, 0.0)
-            dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+            kept_t = keep_t(key_bh, offs_m, offs_n, drop_threshold)
+            pz_t = tl.where(kept_t, p_t * drop_scale, 0.0)
+            dp_t = tl.where(kept_t, dp_t * drop_scale, 0.0)
         else:
             pz_t = p_t
         dv += tl.dot(pz_t.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -301,7 +261,7 @@ def _attn_bwd_dq_kernel(
     lse2 = tl.load(LSE + row, mask=m_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
     if DROPOUT:
-        key_bh = _head_key(SEED, bh)
+        key_bh = stream_key(SEED, bh)
 
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -315,7 +275,7 @@ def _attn_bwd_dq_kernel(
         p = tl.where(key_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            dp = tl.where(_keep(key_bh, offs_m, offs_n, drop_threshold), dp * drop_scale, 0.0)
+            dp = tl.where(keep(key_bh, offs_m, offs_n, drop_threshold), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     tl.store(DQ + b64 * stride_dqb + first * stride_dqt + h * stride_dqh + offs_m[:, None] * stride_dqt
@@ -450,11 +410,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _dropout_args(dropout_p: float) -> tuple[int, float]:
-    threshold = dropout_threshold(dropout_p)
-    return threshold, (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
-
-
 def _problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen):
     varlen = cu_seqlens is not None
     H = q.shape[-2]
@@ -485,7 +440,7 @@ def attention_fwd(q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqlen=No
     scale = D**-0.5 if scale is None else scale
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((H, rows), dtype=torch.float32, device=q.device)
-    threshold, drop_scale = _dropout_args(dropout_p)
+    threshold, drop_scale = dropout_args(dropout_p)
     dropout = dropout_p > 0.0
 
     def launch(c: Config):
@@ -517,7 +472,7 @@ def attention_bwd(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlens=Non
                                                                              max_seqlen)
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else scale
-    threshold, drop_scale = _dropout_args(dropout_p)
+    threshold, drop_scale = dropout_args(dropout_p)
     dropout = dropout_p > 0.0
     if dout.stride(-1) != 1:
         dout = dout.contiguous()

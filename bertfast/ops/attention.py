@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from bertfast.ops import checks
+from bertfast.ops import checks, rng
 from bertfast.ops.dispatch import Op
 
 OP = Op("attention")
@@ -93,7 +93,7 @@ def attention(
         scale = D**-0.5
     elif not float(scale) > 0:
         raise ValueError(f"{name}: `scale` must be a positive number, got {scale}")
-    seed_tensor = _seed_tensor(name, seed, q.device) if dropout_p > 0 else None
+    seed_tensor = rng.seed_tensor(name, seed, q.device) if dropout_p > 0 else None
 
     facts = {"device": q.device.type, "dtype": q.dtype, "head_dim": D, "dropout": dropout_p > 0, "varlen": varlen}
     chosen = OP.select(backend, facts).name
@@ -138,18 +138,6 @@ def _check_packing(name, q, cu_seqlens, max_seqlen, key_padding_mask) -> None:
         if longest > max_seqlen:
             raise ValueError(f"{name}: `max_seqlen` is {max_seqlen} but `cu_seqlens` holds a sequence of {longest}")
         checks.accept(cu_seqlens, key)
-
-
-def _seed_tensor(name: str, seed, device: torch.device) -> torch.Tensor:
-    if seed is None:  # from torch's generator: repeatable under torch.manual_seed, traceable
-        return torch.randint(0, 2**31, (1,), device=device, dtype=torch.int64)
-    if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.dtype != torch.int64:
-            raise ValueError(f"{name}: `seed` tensor must hold one int64, got shape {tuple(seed.shape)} {seed.dtype}")
-        return seed.reshape(1).to(device)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{name}: `seed` must be an int or an int64 tensor, got {type(seed).__name__}")
-    return torch.tensor([seed % 2**31], dtype=torch.int64, device=device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,37 +205,11 @@ attention_forward.register_autograd(_backward, setup_context=_setup_context)
 # torch backend: the reference, any dtype (float64 too) on any device
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """The kernels' lowbias32 hash on int32 tensors holding the uint32 bit patterns: products wrap
-    modulo 2^32 exactly as uint32 products do (two's complement), and each right shift is made
-    logical by masking the sign-extended bits. Bit-identical to the kernels (tested); int32 keeps it
-    ~14x faster than an int64 emulation on CPU."""
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * 0x7FEB352D
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * (0x846CA68B - (1 << 32))  # the uint32 constant as int32
-    return x ^ ((x >> 16) & 0xFFFF)
-
-
-def dropout_threshold(dropout_p: float) -> int:
-    """An entry is kept when its 24 hash bits are >= this: P(keep) = 1 - dropout_p (to 2^-24)."""
-    return min(round(dropout_p * (1 << 24)), 1 << 24)
-
-
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, rows: int, cols: int,
                       dropout_p: float) -> torch.Tensor:
     """(batch, heads, rows, cols) bool: the entries attention dropout keeps, the same bits as the
     Triton kernels draw (kernels/attention.py: mix32(mix32(key_bh ^ i) ^ j) >> 8 >= threshold)."""
-    device = seed.device
-    seed32 = seed.reshape(()).to(torch.int64) & 0xFFFFFFFF
-    seed32 = torch.where(seed32 >= 2**31, seed32 - 2**32, seed32).to(torch.int32)  # same bits, as int32
-    bh = torch.arange(batch * heads, device=device, dtype=torch.int32)
-    key_bh = _mix32(_mix32(seed32) ^ bh)  # (B*H,)
-    i = torch.arange(rows, device=device, dtype=torch.int32)
-    j = torch.arange(cols, device=device, dtype=torch.int32)
-    row_key = _mix32(key_bh[:, None] ^ i[None, :])  # (B*H, rows)
-    bits = _mix32(row_key[:, :, None] ^ j[None, None, :])  # (B*H, rows, cols)
-    return (((bits >> 8) & 0xFFFFFF) >= dropout_threshold(dropout_p)).view(batch, heads, rows, cols)
+    return rng.keep_mask(seed, batch * heads, rows, cols, dropout_p).view(batch, heads, rows, cols)
 
 
 def _scores(q, k, v, key_padding_mask, scale):
