@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch", type=int, default=8)
     demo.add_argument("--seq-len", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
-    static = sub.add_parser("static-report", help="compile every attention kernel config for sm_80 and sm_90 "
+    static = sub.add_parser("static-report", help="compile every Triton kernel config for sm_80 and sm_90 "
                             "(no GPU needed) and tabulate registers, spills, shared memory and HGMMA use")
     static.add_argument("--out", metavar="PATH", help="also write the Markdown report to PATH")
     static.add_argument("--quick", action="store_true", help="only the heavy subset the test compiles (minutes, not ~10)")
@@ -43,18 +43,19 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             parser.error(f"static-report: {missing}")
         todo = kernel_report.quick_variants() if args.quick else kernel_report.variants(flags="extremes")
+        jobs = kernel_report.quick_launch_jobs() if args.quick else kernel_report.launch_jobs()
 
         def progress(done, total, row):
-            print(f"\r[{done}/{total}] {row.variant.kind} sm_{row.variant.arch} {row.variant.dtype} "
-                  f"BLOCK_D={row.variant.block_d} {row.variant.config} {row.compile_s:.1f} s   ", end="",
-                  file=sys.stderr, flush=True)
+            print(f"\r[{done}/{total}] {row.describe()} {row.compile_s:.1f} s   ", end="", file=sys.stderr,
+                  flush=True)
 
         start = time.perf_counter()
-        rows = kernel_report.compile_all(todo, jobs=args.jobs, progress=progress)
+        rows = kernel_report.compile_all(todo + jobs, jobs=args.jobs, progress=progress)
         print(file=sys.stderr)
         command = "bertfast static-report" + (" --quick" if args.quick else "")
         scope = kernel_report.QUICK_SCOPE if args.quick else kernel_report.FULL_SCOPE
-        text = kernel_report.render(rows, command, time.perf_counter() - start, scope)
+        text = kernel_report.render(rows[:len(todo)], command, time.perf_counter() - start, scope,
+                                    launch_rows=rows[len(todo):])
         print(text)
         if args.out:
             with open(args.out, "w") as f:

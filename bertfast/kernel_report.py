@@ -105,6 +105,10 @@ class KernelRow:
     def smem_over(self) -> bool:
         return self.smem_bytes is not None and self.smem_bytes > SMEM_LIMIT[self.variant.arch]
 
+    def describe(self) -> str:
+        v = self.variant
+        return f"attention/{v.kind} sm_{v.arch} {v.dtype} BLOCK_D={v.block_d} {v.config}"
+
     @property
     def problems(self) -> list[str]:
         """Why this row fails the static check (empty when it passes)."""
@@ -231,8 +235,6 @@ def _launch_values(v: Variant) -> dict[str, object]:
 
 def _source(v: Variant):
     """(ASTSource, options) of one variant, specialized as the JIT would (module docstring)."""
-    from triton.compiler import ASTSource
-
     from bertfast.kernels import attention
 
     fn = getattr(attention, _KERNEL_NAMES[v.kind])
@@ -241,16 +243,25 @@ def _source(v: Variant):
     if v.kind != "bwd_delta":
         # float32 inputs take full float32 products, the others tf32 (attention._dot_precision)
         constexprs.update(BLOCK_N=v.block_n, DOT_PRECISION="ieee" if v.dtype == "float32" else "tf32")
-    values = _launch_values(v)
+    return _specialize(fn, _launch_values(v), constexprs), {"num_warps": v.num_warps, "num_stages": v.num_stages}
+
+
+def _specialize(fn, values: dict, constexprs: dict):
+    """ASTSource of ``fn`` specialized as the JIT would for these runtime argument values: a str is
+    a pointer's element type (16-byte aligned, as torch allocates), None a pointer left out; ints
+    equal to 1 and None become constants, ints divisible by 16 get the divisibility hint."""
+    from triton.compiler import ASTSource
+
+    constexprs = dict(constexprs)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
         value = values[name]
-        if value is None or (isinstance(value, int) and value == 1):  # the JIT makes these constants
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
             signature[name], constexprs[name] = "constexpr", value
-        elif isinstance(value, str):  # a tensor: 16-byte aligned, as torch allocates
+        elif isinstance(value, str):
             signature[name], attrs[(i,)] = f"*{value}", [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
@@ -258,8 +269,7 @@ def _source(v: Variant):
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    options = {"num_warps": v.num_warps, "num_stages": v.num_stages}
-    return ASTSource(fn, signature, constexprs, attrs), options
+    return ASTSource(fn, signature, constexprs, attrs)
 
 
 def cuobjdump_path() -> str | None:
@@ -324,17 +334,24 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _cost(v: Variant) -> tuple:
+def _compile_one(item):
+    return compile_launch(item) if isinstance(item, LaunchJob) else compile_variant(item)
+
+
+def _cost(v) -> tuple:
+    if isinstance(v, LaunchJob):
+        return (False, 0, False, 0, False)
     return (v.dtype == "float32", v.block_d, v.kind == "bwd_dkdv", v.block_m * max(v.block_n, 1), not v.aligned)
 
 
-def compile_all(todo: list[Variant], jobs: int | None = None, progress=None) -> list[KernelRow]:
-    """Compile every variant, ``jobs`` at a time (default: one per CPU) in spawned processes; rows in
-    the order of ``todo``. ``progress(done, total, row)`` is called as rows arrive."""
+def compile_all(todo: list, jobs: int | None = None, progress=None) -> list:
+    """Compile every attention ``Variant`` (or family ``LaunchJob``), ``jobs`` at a time (default: one
+    per CPU) in spawned processes; rows in the order of ``todo``. ``progress(done, total, row)`` is
+    called as rows arrive."""
     jobs = default_jobs() if jobs is None else jobs
     if jobs <= 1 or len(todo) <= 1:
         rows = []
-        for row in map(compile_variant, todo):
+        for row in map(_compile_one, todo):
             rows.append(row)
             if progress:
                 progress(len(rows), len(todo), row)
@@ -346,7 +363,7 @@ def compile_all(todo: list[Variant], jobs: int | None = None, progress=None) -> 
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as ex:
         # the slowest compiles first (float32, wide tiles, the backward), so no worker idles at the end
         order = sorted(range(len(todo)), key=lambda i: _cost(todo[i]), reverse=True)
-        futures = {ex.submit(compile_variant, todo[i]): i for i in order}
+        futures = {ex.submit(_compile_one, todo[i]): i for i in order}
         rows: list[KernelRow | None] = [None] * len(todo)
         for done, future in enumerate(as_completed(futures), 1):
             row = future.result()
@@ -354,6 +371,125 @@ def compile_all(todo: list[Variant], jobs: int | None = None, progress=None) -> 
             if progress:
                 progress(done, len(todo), row)
     return rows  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# The other kernel families: each lists its launches (bertfast.kernels.aot.Launch)
+
+# kernels/<family>.py modules with an ``aot_launches()``.
+FAMILIES = ("layer_norm", "bias_gelu", "linear_gelu", "embedding", "vocab_loss", "rtd_loss")
+
+
+@dataclass(frozen=True)
+class LaunchJob:
+    """One launch of one family compiled for one arch; picklable (the launch is found again by index)."""
+
+    family: str
+    index: int
+    arch: int
+
+    def launch(self):
+        return family_launches(self.family)[self.index]
+
+
+@dataclass(frozen=True)
+class LaunchRow:
+    job: LaunchJob
+    kernel: str
+    dtype: str
+    config: str
+    flags: tuple[str, ...]
+    regs: int | None = None
+    spill_bytes: int | None = None
+    smem_bytes: int | None = None
+    hgmma: bool | None = None
+    compile_s: float = 0.0
+    error: str | None = None
+
+    @property
+    def smem_over(self) -> bool:
+        return self.smem_bytes is not None and self.smem_bytes > SMEM_LIMIT[self.job.arch]
+
+    @property
+    def problems(self) -> list[str]:
+        if self.error is not None:
+            return [f"failed to compile: {self.error}"]
+        out = []
+        if self.spill_bytes:
+            out.append(f"spills {self.spill_bytes} B/thread (regs {self.regs})")
+        if self.smem_over:
+            out.append(f"shared memory {self.smem_bytes / 1024:.1f} KB > {SMEM_LIMIT[self.job.arch] // 1024} KB")
+        return out
+
+    def describe(self) -> str:
+        return (f"{self.job.family}/{self.kernel} sm_{self.job.arch} {self.dtype} {self.config} "
+                f"flags={'+'.join(self.flags) or '-'}")
+
+
+def family_launches(family: str) -> list:
+    """The launches kernels/<family>.py declares (``aot_launches()``)."""
+    import importlib
+
+    return list(importlib.import_module(f"bertfast.kernels.{family}").aot_launches())
+
+
+def launch_jobs(families=FAMILIES, archs=ARCHS, dtypes=DTYPES) -> list[LaunchJob]:
+    return [LaunchJob(family, i, arch) for family in families for i, launch in enumerate(family_launches(family))
+            if launch.dtype in dtypes for arch in archs]
+
+
+def quick_launch_jobs() -> list[LaunchJob]:
+    """What the test compiles of the families: every launch in bfloat16 and float32 (float16 compiles
+    as bfloat16 does), both archs."""
+    return launch_jobs(dtypes=("bfloat16", "float32"))
+
+
+def compile_launch(job: LaunchJob) -> LaunchRow:
+    """Compile one family launch for its arch and read its resources; a failure becomes the row's error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    launch = job.launch()
+    start = time.perf_counter()
+    row = dict(job=job, kernel=launch.kernel_name, dtype=launch.dtype, config=launch.config, flags=tuple(launch.flags))
+    try:
+        src = _specialize(launch.kernel, launch.args, launch.constexprs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            kernel = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
+                                    options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+        regs, stack, hgmma = _cubin_resources(kernel.asm["cubin"], kernel.metadata.name, sass=job.arch >= 90)
+    except Exception as e:  # noqa: BLE001 - a failing config is a finding, reported in its row
+        message = " ".join(f"{type(e).__name__}: {e}".split())
+        return LaunchRow(**row, compile_s=time.perf_counter() - start, error=message[:300])
+    return LaunchRow(**row, regs=regs, spill_bytes=stack, smem_bytes=kernel.metadata.shared, hgmma=hgmma,
+                     compile_s=time.perf_counter() - start)
+
+
+def launch_table(rows: list[LaunchRow]) -> str:
+    out = ["| family | kernel | arch | dtype | config | flags | regs | spill bytes | smem KB | HGMMA |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.error is not None:
+            cells = ["**compile error**: " + r.error.replace("|", "/"), "", "", ""]
+        else:
+            smem = f"{r.smem_bytes / 1024:.1f}" + (f" **> {SMEM_LIMIT[r.job.arch] // 1024}**" if r.smem_over else "")
+            hgmma = "-" if r.hgmma is None else ("yes" if r.hgmma else "no")
+            cells = [str(r.regs), f"**{r.spill_bytes}**" if r.spill_bytes else "0", smem, hgmma]
+        out.append("| " + " | ".join([r.job.family, r.kernel, f"sm_{r.job.arch}", r.dtype, r.config,
+                                      "+".join(r.flags) or "-", *cells]) + " |")
+    return "\n".join(out)
+
+
+def launch_summary(rows: list[LaunchRow]) -> list[str]:
+    lines = []
+    for family in dict.fromkeys(r.job.family for r in rows):
+        sub = [r for r in rows if r.job.family == family]
+        ok = [r for r in sub if r.error is None]
+        lines.append(f"{family}: {len(sub)} compiles, {len(sub) - len(ok)} failed, "
+                     f"{sum(1 for r in ok if r.spill_bytes)} spill, {sum(1 for r in ok if r.smem_over)} over the "
+                     f"shared-memory limit, max regs {max((r.regs for r in ok), default=0)}")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,9 +566,10 @@ def problems(rows: list[KernelRow]) -> list[str]:
             f"flags={'+'.join(r.variant.flags) or '-'}: {'; '.join(r.problems)}" for r in rows if r.problems]
 
 
-def render(rows: list[KernelRow], command: str, seconds: float, scope: str) -> str:
+def render(rows: list[KernelRow], command: str, seconds: float, scope: str,
+           launch_rows: list[LaunchRow] = ()) -> str:
     """The whole report as Markdown: how it was made, what the columns mean, the summary, the rows
-    that fail the check, and the table."""
+    that fail the check, and the tables (attention, then the other kernel families)."""
     import datetime
 
     import triton
@@ -456,7 +593,7 @@ def render(rows: list[KernelRow], command: str, seconds: float, scope: str) -> s
                f"metadata `shared`; limit {SMEM_LIMIT[80] // 1024} KB on sm_80, {SMEM_LIMIT[90] // 1024} KB on "
                "sm_90); **HGMMA** the sm_90 SASS uses Hopper warpgroup MMA (float32 runs full-precision `ieee` dots, "
                "which have no HGMMA).")
-    lines = ["# Attention kernels compiled ahead of time: registers, spills, shared memory, HGMMA", "",
+    lines = ["# Triton kernels compiled ahead of time: registers, spills, shared memory, HGMMA", "",
              made, specialized, "", columns, "", "## Summary", "", *[f"- {line}" for line in summary(rows)], ""]
     bad = problems(rows)
     if bad:
@@ -464,4 +601,13 @@ def render(rows: list[KernelRow], command: str, seconds: float, scope: str) -> s
                  "half-precision forward without HGMMA)")
         lines += [title, "", *[f"- {b}" for b in bad], ""]
     lines += ["## All configs", "", markdown_table(rows), ""]
+    if launch_rows:
+        lines += ["# The other kernel families", "",
+                  "Every launch each family's launchers can pick (`aot_launches()` in kernels/<family>.py), "
+                  "specialized for that module's representative problem, for sm_80 and sm_90.", "",
+                  *[f"- {line}" for line in launch_summary(launch_rows)], ""]
+        bad = [f"- {r.describe()}: {'; '.join(r.problems)}" for r in launch_rows if r.problems]
+        if bad:
+            lines += ["## Launches that fail the check", "", *bad, ""]
+        lines += ["## All launches", "", launch_table(launch_rows), ""]
     return "\n".join(lines)
