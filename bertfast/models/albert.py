@@ -10,19 +10,24 @@ Sharing (``AlbertConfig.sharing``):
 Module names and state_dict keys equal transformers' for "all" and "none"; the unshared halves of
 "attention"/"ffn" live in ``encoder.unshared_layers`` (one per layer step and inner layer).
 
+Training runs the layer steps as one autograd node (``bertfast.models.shared_loop``: one gradient
+per parameter, float32 accumulation over the steps, optional recomputation); see
+``AlbertTransformer`` and ``set_layer_loop``.
+
 transformers' AlbertLayer applies no dropout to the feed-forward output before its LayerNorm
 (ALBERT v2 configs use dropout 0 anyway); bertfast follows transformers.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from bertfast import ops
-from bertfast.models import inputs
+from bertfast.models import inputs, shared_loop
 from bertfast.models.bert import make_embeddings
 from bertfast.models.config import EncoderConfig
 from bertfast.models.layers import (MaskedLMModel, encode, init_weights, mlm_logits, mlm_loss, tie_mlm_decoder,
@@ -135,7 +140,22 @@ class AlbertLayerGroup(nn.Module):
 
 
 class AlbertTransformer(nn.Module):
-    """The E -> H projection and the shared layer groups, run ``num_hidden_layers`` times."""
+    """The E -> H projection and the shared layer groups, run ``num_hidden_layers`` times.
+
+    How the layer steps run (attributes, not config fields: they change speed, memory and the
+    rounding of summed gradients, not the model; set them on a whole model with ``set_layer_loop``):
+
+    ``loop``  "auto" (default): the fused loop while training with grad enabled, the plain loop
+              otherwise (eval, no_grad, inference); "fused": the fused loop whenever a gradient is
+              needed; "autograd": always the plain Python loop. The fused loop
+              (``bertfast.models.shared_loop``) is one autograd node over all layer steps: each
+              parameter gets its gradient once (DDP-safe), summed over the steps in a float32
+              buffer. While ``torch.compile`` traces, the plain loop always runs.
+    ``recompute``  with the fused loop: keep only each layer step's input and recompute the step in
+              the backward (dropout masks are redrawn from the saved generator state).
+    """
+
+    LOOPS = ("auto", "fused", "autograd")
 
     def __init__(self, config: AlbertConfig):
         super().__init__()
@@ -148,20 +168,60 @@ class AlbertTransformer(nn.Module):
             self.unshared_layers = nn.ModuleList(
                 [AlbertLayer(config, attention=own_attention, feed_forward=not own_attention)
                  for _ in range(config.num_hidden_layers * config.inner_group_num)])
+        self.loop = "auto"
+        self.recompute = False
 
-    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | Packing | None) -> torch.Tensor:
-        """(B, T, H) already projected (the embedding op applies ``embedding_hidden_mapping_in``), or
-        packed (total_tokens, H) with its ``Packing``."""
+    def schedule(self):
+        """(layer, attention_from, feed_forward_from) of every layer application, in order."""
         cfg = self.config
         for step in range(cfg.num_hidden_layers):
             group = self.albert_layer_groups[cfg.group_of(step)]
             for j, layer in enumerate(group.albert_layers):
                 own = self.unshared_layers[step * cfg.inner_group_num + j] if cfg.sharing in ("attention", "ffn") \
                     else None
-                hidden_states = layer(hidden_states, key_padding_mask,
-                                      attention_from=own if cfg.sharing == "ffn" else None,
-                                      feed_forward_from=own if cfg.sharing == "attention" else None)
-        return hidden_states
+                yield layer, (own if cfg.sharing == "ffn" else None), (own if cfg.sharing == "attention" else None)
+
+    def uses_fused_loop(self) -> bool:
+        """Whether the next forward runs the fused loop (see the class docstring)."""
+        if self.loop not in self.LOOPS:
+            raise ValueError(f"loop: must be one of {self.LOOPS}, got {self.loop!r}")
+        if self.loop == "autograd" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
+        return self.loop == "fused" or self.training
+
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | Packing | None) -> torch.Tensor:
+        """(B, T, H) already projected (the embedding op applies ``embedding_hidden_mapping_in``), or
+        packed (total_tokens, H) with its ``Packing``."""
+        if not self.uses_fused_loop():
+            for layer, attention_from, feed_forward_from in self.schedule():
+                hidden_states = layer(hidden_states, key_padding_mask, attention_from=attention_from,
+                                      feed_forward_from=feed_forward_from)
+            return hidden_states
+        steps = []
+        for layer, attention_from, feed_forward_from in self.schedule():
+            run = functools.partial(layer, key_padding_mask=key_padding_mask, attention_from=attention_from,
+                                    feed_forward_from=feed_forward_from)
+            own = attention_from or feed_forward_from
+            steps.append((run, [*layer.parameters(), *(own.parameters() if own is not None else ())]))
+        return shared_loop.run_layers(hidden_states, steps, recompute=bool(self.recompute),
+                                      draws_random=self._draws_random())
+
+    def _draws_random(self) -> bool:
+        """Whether a layer step draws dropout seeds from torch's generator (what recomputation must replay)."""
+        return any(m.training and (m.dropout.p > 0 or m.output_dropout.p > 0)
+                   for m in self.modules() if isinstance(m, AlbertAttention))
+
+
+def set_layer_loop(model: nn.Module, loop: str = "auto", recompute: bool = False) -> nn.Module:
+    """Set ``loop`` and ``recompute`` (see ``AlbertTransformer``) of every ALBERT encoder inside ``model``."""
+    if loop not in AlbertTransformer.LOOPS:
+        raise ValueError(f"loop: must be one of {AlbertTransformer.LOOPS}, got {loop!r}")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute: must be a bool, got {type(recompute).__name__}")
+    for module in model.modules():
+        if isinstance(module, AlbertTransformer):
+            module.loop, module.recompute = loop, recompute
+    return model
 
 
 class AlbertModel(nn.Module):
