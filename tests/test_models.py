@@ -192,3 +192,23 @@ def test_labels_are_read_once_per_step_and_again_after_an_in_place_write(monkeyp
     labels[0, 1] = SIZES["vocab_size"]  # an in-place write after the first check
     with pytest.raises(ValueError, match="labels"):
         model(ids, mask, types, labels=labels, next_sentence_label=pair)
+
+
+# --- autocast ------------------------------------------------------------------------------------
+def test_pretraining_under_bfloat16_autocast_matches_transformers():
+    """Under autocast a bfloat16 branch output meets the float32 residual of the embeddings: the
+    LayerNorm op adds them in float32, as transformers does (it used to refuse the dtype mix)."""
+    import transformers
+
+    from test_hf_parity import build_hf, hf_inputs
+
+    hf = build_hf("BertForPreTraining", torch.float32).train()
+    ours = bertfast.from_hf(hf).train()
+    kwargs = hf_inputs("BertForPreTraining", with_labels=True)
+    assert isinstance(hf, transformers.BertForPreTraining)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss, expected = ours(**kwargs).loss, hf(**kwargs).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+    # bfloat16 keeps 8 bits: the two runs round differently, but agree to a few bfloat16 ulps
+    assert abs(loss.item() - expected.item()) <= 0.02 * abs(expected.item())
