@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bertfast import ops
+from bertfast.ops.linear_gelu import linear_gelu
 
 
 class LinearGELU(nn.Linear):
     """``gelu(x @ weight^T + bias)``; parameters and state_dict of the ``nn.Linear`` it replaces.
 
     approximate: "none" (erf; transformers' "gelu") or "tanh" ("gelu_new", "gelu_pytorch_tanh").
-    The bias is added by the activation op so a GPU backend can fuse bias + GELU after the GEMM.
+    Runs the ``linear_gelu`` op: cuBLAS + the bias_gelu kernel, or one fused Triton GEMM where that
+    measured faster (see ``bertfast.ops.linear_gelu``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
@@ -24,7 +24,7 @@ class LinearGELU(nn.Linear):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.bias_gelu(F.linear(x, self.weight), self.bias, self.approximate)
+        return linear_gelu(x, self.weight, self.bias, self.approximate)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, approximate={self.approximate!r}"

@@ -3,9 +3,18 @@
     y = gelu(x + bias)
     gelu(z) = z * Phi(z)                                              approximate="none" (erf)
     gelu(z) = 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))          approximate="tanh"
+
+The torch backend runs plain PyTorch ops under autograd. The GPU backends run through the
+``torch.library`` custom ops ``bertfast::bias_gelu_forward`` / ``bertfast::bias_gelu_backward``
+(fake implementations included, so ``torch.compile`` traces through them); the backward op also
+returns dx summed over the rows in float32 (the bias gradient), which ``linear_gelu`` reuses.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +65,68 @@ def bias_gelu(
     if approximate not in ("none", "tanh"):
         raise ValueError(f"{name}: `approximate` must be 'none' or 'tanh', got {approximate!r}")
 
-    facts = {"device": x.device.type, "dtype": x.dtype, "approximate": approximate}
-    impl = OP.select(backend, facts).impl
-    return impl(x, bias, approximate)
+    facts = {"device": x.device.type, "dtype": x.dtype, "approximate": approximate,
+             "bias_dtype": None if bias is None else bias.dtype}
+    chosen = OP.select(backend, facts).name
+    if chosen == "torch":
+        # Plain PyTorch ops under autograd (torch.compile traces them directly); the custom op
+        # below serves the kernels.
+        return OP.backends["torch"].impl(x, bias, approximate)
+    return bias_gelu_forward(x, bias, approximate, chosen)
+
+
+# ------------------------------------------------------------------------------------------------
+# The custom ops: the backend name travels as an argument, chosen before tracing reaches them.
+
+
+@torch.library.custom_op("bertfast::bias_gelu_forward", mutates_args=())
+def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor | None, approximate: str, backend: str) -> torch.Tensor:
+    """gelu(x + bias), contiguous, in x's shape and dtype."""
+    return OP.backends[backend].impl(x, bias, approximate).contiguous()
+
+
+@bias_gelu_forward.register_fake
+def _(x, bias, approximate, backend):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("bertfast::bias_gelu_backward", mutates_args=())
+def bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, approximate: str,
+                       sum_rows: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx = dy * gelu'(x + bias) like x, contiguous; dx summed over every dim but the last, in
+    float32 (float64 for float64) when ``sum_rows``, else an empty (0,) tensor)."""
+    dx, dsum = _BACKWARD[backend](dy, x, bias, approximate, sum_rows)
+    return dx.contiguous(), dsum if sum_rows else x.new_empty((0,), dtype=_sum_dtype(x))
+
+
+@bias_gelu_backward.register_fake
+def _(dy, x, bias, approximate, sum_rows, backend):
+    return x.new_empty(x.shape), x.new_empty((x.shape[-1] if sum_rows else 0,), dtype=_sum_dtype(x))
+
+
+def _sum_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, approximate, backend = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.args = (approximate, backend)
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    approximate, backend = ctx.args
+    bias_grad = bias is not None and ctx.needs_input_grad[1]
+    dx, dsum = bias_gelu_backward(dy, x, bias, approximate, bias_grad, backend)
+    return dx, (dsum.to(bias.dtype) if bias_grad else None), None, None
+
+
+bias_gelu_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch backend: the reference, any dtype (float64 too) on any device
 
 
 @OP.register("torch")
@@ -66,3 +134,61 @@ def bias_gelu_torch(x, bias, approximate):
     if bias is not None:
         x = x + bias.to(x.dtype)
     return F.gelu(x, approximate=approximate)
+
+
+def gelu_grad_torch(z: torch.Tensor, approximate: str) -> torch.Tensor:
+    """d gelu(z) / dz, in float32 for half z (float64 stays float64)."""
+    z = z.to(_sum_dtype(z))
+    if approximate == "tanh":
+        k = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(k * (z + 0.044715 * z**3))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * z * z)
+    return 0.5 * (1.0 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def bias_gelu_torch_backward(dy, x, bias, approximate, sum_rows):
+    """The backward written out (for the custom op with backend "torch"): (dx, dsum or None)."""
+    z = x if bias is None else x + bias.to(x.dtype)
+    dx = dy.to(_sum_dtype(x)) * gelu_grad_torch(z, approximate)
+    dsum = dx.reshape(-1, x.shape[-1]).sum(0) if sum_rows else None
+    return dx.to(x.dtype), dsum
+
+
+# ------------------------------------------------------------------------------------------------
+# triton backend
+
+
+# Read once at import, as Triton itself reads TRITON_INTERPRET when its kernels are decorated.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_refusal(facts) -> str | None:
+    if not _TRITON_FOUND:
+        return "triton is not installed"
+    if facts["device"] != "cuda" and not (facts["device"] == "cpu" and _INTERPRETING):
+        return f"needs CUDA tensors (got {facts['device']}; CPU tensors only under TRITON_INTERPRET=1)"
+    if facts["dtype"] not in _KERNEL_DTYPES:
+        return f"float16, bfloat16 or float32 only (got {facts['dtype']})"
+    bias_dtype = facts.get("bias_dtype")
+    if bias_dtype is not None and bias_dtype not in (facts["dtype"], torch.float32):
+        return f"bias must have x's dtype or float32 (got {bias_dtype} with x {facts['dtype']})"
+    return None
+
+
+@OP.register("triton", refuse=_triton_refusal)
+def bias_gelu_triton(x, bias, approximate):
+    from bertfast.kernels.bias_gelu import bias_gelu_fwd
+
+    return bias_gelu_fwd(x, bias, approximate)
+
+
+def bias_gelu_triton_backward(dy, x, bias, approximate, sum_rows):
+    from bertfast.kernels.bias_gelu import bias_gelu_bwd
+
+    return bias_gelu_bwd(dy, x, bias, approximate, sum_rows)
+
+
+# Each backend's backward, beside its forward registered in OP.
+_BACKWARD = {"torch": bias_gelu_torch_backward, "triton": bias_gelu_triton_backward}
