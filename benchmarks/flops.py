@@ -30,15 +30,45 @@ event-to-event time since the previous reading. pytest-benchmark times a round a
 the first launch to the end of the last kernel (host launch gaps inside the call included, as in
 ``triton.testing.do_bench``), and the table's median is the median of those per-round event times.
 On a CPU the default wall clock is the right one.
+
+The ops' benchmarks (test_layer_norm.py, test_bias_gelu.py, test_embedding.py, test_mlm_loss.py,
+test_rtd_loss.py, test_albert_loop.py) share the harness at the end of this file: the session
+fixtures, ``run_case`` (one timed case: first call untimed, CUDA events and an L2 flush on a GPU,
+wall time on a CPU, peak memory, finiteness, extra_info) and the formulas below.
+
+Bytes ("compulsory traffic"), for the memory-bound ops, in the convention of Triton's layer-norm
+tutorial: every (rows, N) tensor the op must read or write, once, at its element size. (N,)
+parameters, their gradients' per-program partial sums and per-row statistics are left out (under
+1% at the benchmarked sizes). GB/s = bytes / median time, and the fraction of the card's measured
+copy bandwidth (``copy_gbs``: bytes read + bytes written by a device-to-device copy) says how close
+an op comes to the memory system's limit.
+
+    layer_norm  fwd: read x (+ residual), write y                              2 (3) x rows*N
+                bwd: read dy, x (+ residual) to recompute the input,
+                     write dx (+ d_residual)                                   3 (5) x rows*N
+    bias_gelu   fwd: read x, write y: 2 x rows*N;   bwd: read dy, x, write dx: 3 x rows*N
+    embedding   see ``embedding_bytes``
+    fwd+bwd = fwd + bwd
+
+FLOPs of the GEMM-shaped heads (``gemm_flops``): 2 per multiply-add of their matrix products on the
+tokens that count (masked tokens for the MLM loss and the generator, real tokens for RTD); the
+backward does two products per forward product (d_input and d_weight): bwd = 2x fwd, fwd+bwd = 3x.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib
+import os
 import platform
 import statistics
+import time
 from collections.abc import Callable, Sequence
 
+import pytest
 import torch
+
+import bertfast
 
 # FLOPs of each mode, in units of the forward's (see the module docstring).
 MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -170,3 +200,312 @@ def environment(device: torch.device) -> dict:
     else:
         info.update(device_name=_cpu_name(), torch_threads=torch.get_num_threads())
     return info
+
+
+# ------------------------------------------------------------------------------------------------
+# Bytes and FLOPs of the ops' benchmarks (see the module docstring)
+
+# FLOPs of each mode of a GEMM-shaped op, in units of its forward's: each forward product has two
+# backward products (the input's and the weight's gradient).
+GEMM_MODE_FACTOR = {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODE_FACTOR:
+        raise ValueError(f"mode must be one of {', '.join(MODE_FACTOR)}, got {mode!r}")
+
+
+def gbs(nbytes: float, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def layer_norm_bytes(mode: str, rows: int, n: int, itemsize: int, residual: bool) -> int:
+    """fwd: x (+ residual) in, y out; bwd: dy, x (+ residual) in, dx (+ d_residual) out."""
+    _check_mode(mode)
+    per_tensor = rows * n * itemsize
+    fwd, bwd = (3, 5) if residual else (2, 3)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode] * per_tensor
+
+
+def bias_gelu_bytes(mode: str, rows: int, n: int, itemsize: int) -> int:
+    """fwd: x in, y out; bwd: dy, x in, dx out (the bias and its gradient left out)."""
+    _check_mode(mode)
+    return {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * rows * n * itemsize
+
+
+def embedding_bytes(mode: str, *, ids_bytes: int, tokens: int, embedding_size: int, out_size: int,
+                    itemsize: int, word_table_bytes: int, small_tables_bytes: int, projection_bytes: int) -> int:
+    """Compulsory traffic of the embedding (gather, LayerNorm, dropout, optional projection).
+
+    fwd: the id tensors; one word row per token (tokens x E); the position and type tables and the
+         projection weight, each read once; the output (tokens x out_size, out_size = H with a
+         projection, else E).
+    bwd: the id tensors; dy (tokens x out_size); one (tokens x E) read of the embedding rows (to
+         recompute the normalized input, or the saved copy of it); the gradients of the word table
+         (dense, vocab x E), of the small tables and of the projection weight, each written once.
+    """
+    _check_mode(mode)
+    fwd = (ids_bytes + tokens * embedding_size * itemsize + small_tables_bytes + projection_bytes
+           + tokens * out_size * itemsize)
+    bwd = (ids_bytes + tokens * out_size * itemsize + tokens * embedding_size * itemsize + word_table_bytes
+           + small_tables_bytes + projection_bytes)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def gemm_flops(mode: str, tokens: int, *products: tuple[int, int]) -> float:
+    """2 * tokens * sum(K * N) over the (K -> N) products of one forward, times the mode's factor."""
+    _check_mode(mode)
+    return GEMM_MODE_FACTOR[mode] * 2 * tokens * sum(k * n for k, n in products)
+
+
+def copy_gbs(device: torch.device, nbytes: int = 2**30, reps: int = 20) -> float:
+    """The card's measured copy bandwidth: median GB/s (bytes read + bytes written) of a
+    device-to-device copy of ``nbytes``."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = statistics.median(cuda_time_ms(lambda: dst.copy_(src), reps, warmup=3))
+    return gbs(2 * nbytes, ms / 1e3)
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops' benchmark harness. The fixtures are imported by name into each test module (pytest
+# collects fixtures from a module's namespace); nothing here touches a GPU before a case runs.
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
+# (fewest rounds, most rounds, seconds the timed rounds should take) and warmup rounds, per device
+ROUNDS = {"cuda": (10, 100, 0.5), "cpu": (3, 3, 0.0)}
+WARMUP_ROUNDS = {"cuda": 3, "cpu": 0}  # after the first call, which is untimed on both
+TRITON_NEEDS_CUDA = "the triton backend compiles for a GPU (the Triton interpreter on CPU is for tests, never timed)"
+# torch.compile on a CPU builds C++ with inductor: ~25 s per graph on a 2-core machine, more than a
+# whole smoke run of a file. Set this variable to 1 to run the compiled cases on a CPU anyway.
+COMPILE_ON_CPU_ENV = "BERTFAST_BENCH_COMPILE_ON_CPU"
+
+
+def bertfast_op(name: str) -> Callable | None:
+    """The function ``bertfast.ops.<name>`` from its own module, or None while the op does not
+    exist. (Not ``getattr(bertfast.ops, name)``: until the package re-exports a new op, that
+    attribute is the submodule of the same name once anything has imported it.)"""
+    try:
+        module = importlib.import_module(f"bertfast.ops.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"bertfast.ops.{name}":
+            raise  # the op exists but something it imports does not: say so
+        return None
+    return getattr(module, name, None)
+
+
+def compile_skip_reason(device: torch.device) -> str | None:
+    """Why a torch.compile case does not run here (None: it runs)."""
+    if device.type == "cuda" or os.environ.get(COMPILE_ON_CPU_ENV) == "1":
+        return None
+    return (f"needs CUDA: torch.compile on a CPU compiles C++ for ~25 s per case (set {COMPILE_ON_CPU_ENV}=1 "
+            f"to run it anyway)")
+
+
+def fresh_compile(fn: Callable) -> Callable:
+    """torch.compile(fn) with dynamo's caches reset first: every case compiles the same Python code
+    for new shapes, and past dynamo's recompile limit a compiled function silently runs eager."""
+    torch._dynamo.reset()
+    return torch.compile(fn)
+
+
+@pytest.fixture(scope="session", name="device")
+def device_fixture() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session", name="env_info")
+def env_info_fixture(device, one_cpu_thread) -> dict:
+    """The card and versions, the card's measured bfloat16 matmul rate and copy bandwidth (GPU only)."""
+    info = environment(device)
+    info["matmul_tflops"] = info["copy_gbs"] = None
+    if device.type == "cuda":
+        info["matmul_tflops"] = round(matmul_tflops(device, DTYPE["cuda"]), 1)
+        info["copy_gbs"] = round(copy_gbs(device), 1)
+    return info
+
+
+@pytest.fixture(scope="session", autouse=True, name="one_cpu_thread")
+def one_cpu_thread_fixture(device):
+    """On a CPU, one intra-op thread (as the tests use): on a small, shared machine two threads
+    spin-wait on each other and the times say more about the neighbours than about the code."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, name="release_memory")
+def release_memory_fixture(device):
+    yield
+    if device.type == "cuda":  # a large case's blocks must not crowd the next case out
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _differentiated(out):
+    """The output a backward starts from: the output itself, or the first of a tuple (the others,
+    e.g. sampled token ids, get no gradient)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def mode_fns(mode: str, forward: Callable[[], object], leaves: Sequence[torch.Tensor], flush: Callable[[], None],
+             grad_out: torch.Tensor | None = None):
+    """(setup, target) for pytest-benchmark's pedantic mode: setup runs untimed before each round
+    and returns the round's arguments; target is the timed call.
+
+    fwd: ``forward()`` under ``torch.no_grad()`` (inference: nothing saved for a backward);
+    bwd: ``torch.autograd.grad`` of a forward run in the round's untimed setup, w.r.t. ``leaves``;
+    fwd+bwd: both. ``grad_out`` seeds the backward (None for a scalar loss)."""
+    _check_mode(mode)
+
+    def setup():
+        args = (forward(),) if mode == "bwd" else ()  # bwd: the forward is not timed
+        flush()
+        return args, {}
+
+    def backward(out):
+        return torch.autograd.grad(_differentiated(out), leaves, grad_out, allow_unused=True)
+
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return forward()
+
+        return setup, fwd
+    if mode == "bwd":
+        return setup, backward
+
+    def fwd_bwd():
+        out = forward()
+        return out, backward(out)
+
+    return setup, fwd_bwd
+
+
+def all_finite(result) -> bool:
+    """Every float tensor in ``result`` (nested tuples/lists, None allowed) is finite."""
+    if isinstance(result, (tuple, list)):
+        return all(all_finite(r) for r in result)
+    if isinstance(result, torch.Tensor):
+        return not result.is_floating_point() or bool(torch.isfinite(result).all())
+    return True
+
+
+def peak_memory_mib(setup, target) -> float:
+    """Peak allocation of one untimed call above what was allocated when it began (outputs, saved
+    activations, workspace; for bwd the forward's saved tensors count as already allocated)."""
+    args, _ = setup()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = target(*args)
+    torch.cuda.synchronize()
+    del result
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+# group -> impl -> (median seconds, peak MiB or None) of the cases already run in this session, so
+# a later implementation of the same case reports its speed and memory ratios to the earlier ones.
+_MEASURED: dict[str, dict[str, tuple[float, float | None]]] = {}
+
+
+def run_case(benchmark, device: torch.device, env_info: dict, *, group: str, impl: str, mode: str,
+             forward: Callable[[], object], leaves: Sequence[torch.Tensor], grad_out: torch.Tensor | None = None,
+             info: dict | None = None, nbytes: float | None = None, flops: float | None = None,
+             tokens: int | None = None, baselines: Sequence[str] = (),
+             goal: tuple[float, float | None] | None = None):
+    """Time one implementation of one case and fill ``benchmark.extra_info``; returns the result.
+
+    The first call is untimed (compilation, autotuning; a bertfast backend that refuses or a case
+    that runs out of memory is skipped with the reason here); with ``--benchmark-disable`` it is
+    the only call (a smoke run). On a GPU a second untimed call sizes the rounds, each round is
+    timed with CUDA events after an L2 flush, and the peak memory of one more untimed call is
+    recorded. ``baselines``: implementations this one is compared with when
+    they ran earlier in the same group (``speedup_vs_X`` = X's median / this median,
+    ``memory_ratio_vs_X`` = X's peak / this peak); ``goal`` = (speedup, memory ratio or None) the
+    issue asks of bertfast against the first baseline: recorded with whether it was met, never
+    asserted. ``tokens``: the tokens one call processes, for tokens/s.
+    """
+    kind = device.type
+    flush = L2Flush(device) if kind == "cuda" else (lambda: None)
+    setup, target = mode_fns(mode, forward, leaves, flush, grad_out)
+    clock = use_device_clock(benchmark) if kind == "cuda" else time.perf_counter
+
+    def one_call():
+        args, _ = setup()
+        start = clock()
+        result = target(*args)
+        return result, clock() - start
+
+    benchmark.group = group
+    refused = None
+    try:
+        with bertfast.record_backends() as trace:
+            if benchmark.disabled:  # the smoke run: this one untimed call is all pedantic does
+                result = benchmark.pedantic(target, setup=setup)
+            else:
+                _, estimate = one_call()  # compiles, autotunes; a refusing backend raises here
+    except torch.OutOfMemoryError:
+        refused = f"out of memory on {env_info['device_name']} ({env_info.get('device_memory_gib')} GiB)"
+    except bertfast.BackendUnavailableError as error:
+        refused = f"bertfast refused the call: {error}"
+    if refused is not None:
+        del setup, target, forward
+        if kind == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+        pytest.skip(refused)
+
+    if not benchmark.disabled:
+        fewest, most, seconds = ROUNDS[kind]
+        if kind == "cuda":  # the first call compiled and autotuned: time a second one
+            _, estimate = one_call()
+        rounds = min(most, max(fewest, round(seconds / max(estimate, 1e-9))))
+        result = benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=WARMUP_ROUNDS[kind])
+    peak = peak_memory_mib(setup, target) if kind == "cuda" and not benchmark.disabled else None
+    assert all_finite(result), f"{impl}: non-finite output (a sanity check, not a timing assertion)"
+
+    on_gpu = kind == "cuda"
+    record = {"impl": impl, "mode": mode, "dtype": str(DTYPE[kind]).removeprefix("torch."), **(info or {}),
+              "bertfast_backends": sorted({f"{op}:{backend}" for op, backend in trace}),
+              "timer": "CUDA events (flops.DeviceClock)" if on_gpu else "wall clock (time.perf_counter)",
+              "peak_memory_mib": peak,
+              "peak_memory_note": ("one call, above what was allocated before it" if peak is not None
+                                   else "not measured on CPU" if not on_gpu else "not measured in a smoke run"),
+              "bytes": nbytes, "flops": flops, **env_info}
+    stats = benchmark.stats.stats if benchmark.stats else None
+    if stats is not None:
+        median = stats.median
+        record["median_ms"] = median * 1e3
+        if nbytes:
+            record["gbs"] = gbs(nbytes, median)
+            if env_info.get("copy_gbs"):
+                record["fraction_of_copy_bandwidth"] = record["gbs"] / env_info["copy_gbs"]
+        if flops:
+            record["tflops"] = tflops(flops, median)
+            if env_info.get("matmul_tflops"):
+                record["fraction_of_matmul_rate"] = record["tflops"] / env_info["matmul_tflops"]
+        if tokens:
+            record["tokens_per_s"] = tokens / median
+        earlier = _MEASURED.setdefault(group, {})
+        for name in baselines:
+            if name == impl or name not in earlier:
+                continue
+            their_median, their_peak = earlier[name]
+            record[f"speedup_vs_{name}"] = their_median / median
+            if their_peak is not None and peak:
+                record[f"memory_ratio_vs_{name}"] = their_peak / peak
+        if goal is not None and baselines and impl not in baselines and baselines[0] in earlier:
+            speed, memory = goal
+            first = baselines[0]
+            record["goal"] = f">= {speed:g}x faster" + ("" if memory is None else
+                                                         f" and >= {memory:g}x less peak memory") + f" than {first}"
+            record["goal_speed_met"] = record[f"speedup_vs_{first}"] >= speed
+            if memory is not None and f"memory_ratio_vs_{first}" in record:
+                record["goal_memory_met"] = record[f"memory_ratio_vs_{first}"] >= memory
+        earlier[impl] = (median, peak)
+    benchmark.extra_info.update(record)
+    return result
