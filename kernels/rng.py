@@ -56,8 +56,8 @@ def keep_t(key, rows, cols, threshold):
 
 @triton.jit
 def uniform(key, rows, cols):
-    """(len(rows), len(cols)) float32 uniforms in (0, 1), never 0 or 1."""
-    return ((row_bits(key, rows, cols) >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    """(len(rows), len(cols)) float32 uniforms in [2^-24, 1 - 2^-24]: never 0 or 1."""
+    return ((row_bits(key, rows, cols) >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 def dropout_threshold(dropout_p: float) -> int:

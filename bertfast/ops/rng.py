@@ -63,9 +63,15 @@ def keep_mask(seed: torch.Tensor, streams: int, rows: int, cols: int, dropout_p:
 
 
 def uniforms(seed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """(rows, cols) float32 uniforms in (0, 1) of stream 0: (24 bits + 0.5) / 2^24."""
-    top = (bits(seed, 1, rows, cols)[0] >> 8) & 0xFFFFFF
-    return (top.to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    """(rows, cols) float32 uniforms of stream 0: (top 23 bits + 0.5) / 2^23, exact in float32, in
+    [2^-24, 1 - 2^-24]: never 0 or 1 (with 24 bits the largest would round to 1.0)."""
+    return uniforms_of_bits(bits(seed, 1, rows, cols)[0])
+
+
+def uniforms_of_bits(b: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms from int32 random bits: (top 23 bits + 0.5) / 2^23."""
+    top = (b >> 9) & 0x7FFFFF
+    return (top.to(torch.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 def dropout(x: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> torch.Tensor:
