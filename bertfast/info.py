@@ -51,7 +51,10 @@ def _typical_facts(device: str) -> dict:
     """The facts of a representative call: bf16 on a GPU, float32 on the CPU, BERT-base sizes."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     return {"device": device, "dtype": dtype, "head_dim": 64, "dropout": True, "hidden": 768, "residual": True,
-            "approximate": "none", "embedding_size": 128, "projection": True, "vocab": 30522, "reduction": "mean"}
+            "approximate": "none", "embedding_size": 128, "projection": True, "vocab": 30522, "reduction": "mean",
+            "param_dtype": torch.float32, "rows": 4096, "bias_dtype": torch.float32, "type_vocab_size": 2,
+            "mixed_dtypes": False, "head_size": 128, "in_features": 768, "out_features": 3072,
+            "arch": "sm_90" if device == "cuda" else None}
 
 
 def collect() -> dict:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bertfast.ops import triton_support
 from bertfast import ops
 from bertfast.ops import rng
 
@@ -235,7 +236,7 @@ def _facts(**changes):
     return facts
 
 
-@pytest.mark.skipif(not LN._TRITON_FOUND, reason="triton is not installed")
+@pytest.mark.skipif(not triton_support.TRITON_FOUND, reason="triton is not installed")
 @pytest.mark.parametrize("changes,reason", [
     ({}, None),
     ({"param_dtype": None}, None),

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bertfast.ops import triton_support
 import bertfast
 from bertfast.ops import BackendUnavailableError
 from bertfast.ops.bias_gelu import bias_gelu_forward
@@ -91,7 +92,7 @@ def _cuda_facts(rows=4096):
 @pytest.fixture
 def triton_present(monkeypatch):
     """The policy is checked after the installation and device checks: pretend triton is here."""
-    monkeypatch.setattr(module, "_TRITON_FOUND", True)
+    monkeypatch.setattr(triton_support, "TRITON_FOUND", True)
     monkeypatch.delenv(FUSED_ENV, raising=False)
 
 
@@ -238,7 +239,7 @@ def _bias_gelu_facts(**changes):
     ({"bias_dtype": torch.float16}, "bias must have x's dtype or float32"),
 ])
 def test_bias_gelu_triton_refusals(monkeypatch, changes, reason):
-    monkeypatch.setattr(bias_gelu_module, "_TRITON_FOUND", True)
+    monkeypatch.setattr(triton_support, "TRITON_FOUND", True)
     got = bias_gelu_module.OP.refusal("triton", _bias_gelu_facts(**changes))
     assert got is None if reason is None else (got is not None and reason in got), got
 

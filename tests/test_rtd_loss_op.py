@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from bertfast.ops import triton_support
 from bertfast import ops
 from bertfast.ops.dispatch import BackendUnavailableError
 from bertfast.ops.rtd_loss import rtd_head_backward, rtd_head_forward
@@ -27,13 +28,13 @@ def _inputs(dtype=torch.float32, B=2, T=3, H=8):
             torch.randn(1, generator=g).to(dtype))
 
 
-@pytest.mark.skipif(op_module._INTERPRETING, reason="CPU tensors are accepted under TRITON_INTERPRET")
+@pytest.mark.skipif(triton_support.INTERPRETING, reason="CPU tensors are accepted under TRITON_INTERPRET")
 def test_triton_backend_refuses_cpu_tensors_and_float64():
     hidden, w, b, pw, pb = _inputs()
     with pytest.raises(BackendUnavailableError, match=r"triton: needs CUDA tensors \(got cpu"):
         ops.rtd_loss(hidden, w, b, pw, pb, None, backend="triton")
-    assert "float64" in op_module._triton_refusal({"device": "cuda", "dtype": torch.float64})
-    assert op_module._triton_refusal({"device": "cuda", "dtype": torch.bfloat16}) is None
+    assert "float64" in op_module.OP.refusal("triton", {"device": "cuda", "dtype": torch.float64})
+    assert op_module.OP.refusal("triton", {"device": "cuda", "dtype": torch.bfloat16}) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

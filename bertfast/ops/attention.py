@@ -14,12 +14,9 @@ The op is the ``torch.library`` custom op ``bertfast::attention_forward`` with i
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
-from bertfast.ops import checks, rng
+from bertfast.ops import checks, rng, triton_support
 from bertfast.ops.dispatch import Op
 
 OP = Op("attention")
@@ -318,19 +315,12 @@ def attention_torch_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqle
 # triton backend
 
 
-# Read once at import, as Triton itself reads TRITON_INTERPRET when its kernels are decorated
-# (and so that tracing under torch.compile does not run import machinery).
-_TRITON_FOUND = importlib.util.find_spec("triton") is not None
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _triton_refusal(facts) -> str | None:
-    if not _TRITON_FOUND:
-        return "triton is not installed"
-    if facts["device"] != "cuda" and not (facts["device"] == "cpu" and _INTERPRETING):
-        return f"needs CUDA tensors (got {facts['device']}; CPU tensors only under TRITON_INTERPRET=1)"
-    if facts["dtype"] not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"float16, bfloat16 or float32 only (got {facts['dtype']})"
+    reason = triton_support.refusal(facts)
+    if reason is not None:
+        return reason
     D = facts["head_dim"]
     if not (8 <= D <= 128 and D % 8 == 0):
         return f"head_dim must be a multiple of 8 in [8, 128] (got {D})"

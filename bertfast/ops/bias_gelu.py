@@ -12,14 +12,12 @@ returns dx summed over the rows in float32 (the bias gradient), which ``linear_g
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from bertfast.ops import checks
+from bertfast.ops import checks, triton_support
 from bertfast.ops.dispatch import Op
 
 OP = Op("bias_gelu")
@@ -158,19 +156,12 @@ def bias_gelu_torch_backward(dy, x, bias, approximate, sum_rows):
 # triton backend
 
 
-# Read once at import, as Triton itself reads TRITON_INTERPRET when its kernels are decorated.
-_TRITON_FOUND = importlib.util.find_spec("triton") is not None
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _triton_refusal(facts) -> str | None:
-    if not _TRITON_FOUND:
-        return "triton is not installed"
-    if facts["device"] != "cuda" and not (facts["device"] == "cpu" and _INTERPRETING):
-        return f"needs CUDA tensors (got {facts['device']}; CPU tensors only under TRITON_INTERPRET=1)"
-    if facts["dtype"] not in _KERNEL_DTYPES:
-        return f"float16, bfloat16 or float32 only (got {facts['dtype']})"
+    reason = triton_support.refusal(facts)
+    if reason is not None:
+        return reason
     bias_dtype = facts.get("bias_dtype")
     if bias_dtype is not None and bias_dtype not in (facts["dtype"], torch.float32):
         return f"bias must have x's dtype or float32 (got {bias_dtype} with x {facts['dtype']})"

@@ -15,13 +15,10 @@ traces through them; the torch backend runs as plain autograd ops when chosen.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 
-from bertfast.ops import checks, rng
+from bertfast.ops import checks, rng, triton_support
 from bertfast.ops.dispatch import Op
 
 OP = Op("layer_norm")
@@ -29,7 +26,6 @@ OP = Op("layer_norm")
 # The widest row the Triton kernels take (bertfast.kernels.layer_norm.MAX_N; rows past 8192 are
 # walked in chunks).
 TRITON_MAX_HIDDEN = 65536
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def layer_norm(
@@ -238,20 +234,13 @@ def layer_norm_torch_backward(dy, x, weight, residual, seed, mean, rstd, dropout
 # triton backend
 
 
-# Read once at import, as Triton itself reads TRITON_INTERPRET when its kernels are decorated
-# (and so that tracing under torch.compile does not run import machinery).
-_TRITON_FOUND = importlib.util.find_spec("triton") is not None
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _triton_refusal(facts) -> str | None:
-    if not _TRITON_FOUND:
-        return "triton is not installed"
-    if facts["device"] != "cuda" and not (facts["device"] == "cpu" and _INTERPRETING):
-        return f"needs CUDA tensors (got {facts['device']}; CPU tensors only under TRITON_INTERPRET=1)"
-    if facts["dtype"] not in _KERNEL_DTYPES:
-        return f"float16, bfloat16 or float32 only (got {facts['dtype']})"
-    if facts["param_dtype"] not in (None, *_KERNEL_DTYPES):
+    reason = triton_support.refusal(facts)
+    if reason is not None:
+        return reason
+    if facts["param_dtype"] not in (None, *triton_support.KERNEL_DTYPES):
         return f"weight and bias must be float16, bfloat16 or float32 (got {facts['param_dtype']})"
     if facts["hidden"] > TRITON_MAX_HIDDEN:
         return f"the normalized dim must be at most {TRITON_MAX_HIDDEN} (got {facts['hidden']})"

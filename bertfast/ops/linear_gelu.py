@@ -17,13 +17,12 @@ Everywhere else it refuses, saying so, and dispatch takes the torch backend.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
 
-from bertfast.ops import checks
+from bertfast.ops import checks, triton_support
 from bertfast.ops.bias_gelu import bias_gelu, bias_gelu_backward
 from bertfast.ops.dispatch import Op
 
@@ -176,19 +175,13 @@ def linear_gelu_torch_fused(x, weight, bias, approximate, save_z):
 # triton backend: the fused GEMM, where measured faster
 
 
-# Read once at import, as Triton itself reads TRITON_INTERPRET when its kernels are decorated.
-_TRITON_FOUND = importlib.util.find_spec("triton") is not None
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _triton_refusal(facts) -> str | None:
-    if not _TRITON_FOUND:
-        return "triton is not installed"
-    if facts["device"] != "cuda" and not (facts["device"] == "cpu" and _INTERPRETING):
-        return f"needs CUDA tensors (got {facts['device']}; CPU tensors only under TRITON_INTERPRET=1)"
+    reason = triton_support.refusal(facts)
+    if reason is not None:
+        return reason
     dtype = facts["dtype"]
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"float16, bfloat16 or float32 only (got {dtype})"
     bias_dtype = facts.get("bias_dtype")
     if bias_dtype not in (None, dtype, torch.float32):
         return f"bias must have x's dtype or float32 (got {bias_dtype} with x {dtype})"

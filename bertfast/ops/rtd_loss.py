@@ -15,13 +15,10 @@ backward ``bertfast::rtd_head_backward`` and fake implementations, so ``torch.co
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 
-from bertfast.ops import checks
+from bertfast.ops import checks, triton_support
 from bertfast.ops.dispatch import Op
 
 OP = Op("rtd_loss")
@@ -195,22 +192,9 @@ rtd_head_forward.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------------
 # triton backend
 
-# Read once at import, as Triton itself reads TRITON_INTERPRET when its kernels are decorated.
-_TRITON_FOUND = importlib.util.find_spec("triton") is not None
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _triton_refusal(facts) -> str | None:
-    if not _TRITON_FOUND:
-        return "triton is not installed"
-    if facts["device"] != "cuda" and not (facts["device"] == "cpu" and _INTERPRETING):
-        return f"needs CUDA tensors (got {facts['device']}; CPU tensors only under TRITON_INTERPRET=1)"
-    if facts["dtype"] not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"float16, bfloat16 or float32 only (got {facts['dtype']})"
-    return None
-
-
-@OP.register("triton", refuse=_triton_refusal)
+@OP.register("triton", refuse=triton_support.refusal)
 def rtd_loss_triton(hidden, dense_weight, dense_bias, prediction_weight, prediction_bias, labels, attention_mask,
                     approximate):
     """The dense GEMM under autograd (cuBLAS), then the fused head through the custom op."""
