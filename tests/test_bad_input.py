@@ -87,6 +87,12 @@ def op_inputs(op: str) -> dict:
                     labels=torch.randint(0, 2, (B, T), generator=g), attention_mask=mask)
     if op == "sample_tokens":
         return dict(logits=randn(B * T, V))
+    if op == "generator_sample":
+        labels = torch.full((B, T), -100)
+        labels[0, 1], labels[1, 4] = 3, V - 1
+        return dict(hidden=randn(B, T, HID), labels=labels, input_ids=torch.randint(0, V, (B, T), generator=g),
+                    dense_weight=randn(E, HID), dense_bias=randn(E), norm_weight=randn(E), norm_bias=randn(E),
+                    decoder_weight=randn(V, E), decoder_bias=randn(V), attention_mask=mask)
     raise KeyError(op)
 
 
@@ -108,7 +114,7 @@ def with_arg(op: str, **changes) -> dict:
 
 def test_every_op_is_covered():
     assert set(OPS) == {"attention", "layer_norm", "bias_gelu", "linear_gelu", "embedding", "mlm_loss", "sentence_pair_loss",
-                        "rtd_loss", "sample_tokens"}
+                        "rtd_loss", "sample_tokens", "generator_sample"}
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -22,6 +22,7 @@ from bertfast.models.layers import Encoder, MaskedLMModel, encode, init_weights,
 from bertfast.models.outputs import BaseModelOutput, ElectraForPreTrainingOutput, ElectraPretrainingOutput
 from bertfast.nn import LayerNorm
 from bertfast.ops.bias_gelu import approximate_of
+from bertfast.ops.generator_sample import generator_sample
 
 
 @dataclass
@@ -184,29 +185,27 @@ class ElectraPretrainingModel(nn.Module):
         self.temperature = float(temperature)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, seed: int | None = None) -> ElectraPretrainingOutput:
+                token_type_ids: torch.Tensor | None = None,
+                seed: int | torch.Tensor | None = None) -> ElectraPretrainingOutput:
         """One ELECTRA step.
 
         Args:
             input_ids: (B, T) masked input (masked positions hold [MASK] or the MLM corruption).
             labels: (B, T) original token ids at masked positions, -100 elsewhere.
             attention_mask: (B, T) 1 = real token.
-            seed: seeds the generator's sampling (None = torch's global generator).
+            seed: seeds the generator's sampling (int or int64 tensor; None = drawn from torch's generator).
         """
         inputs.labels("ElectraPretrainingModel", "labels", labels, input_ids, None, per_token=True,
                       classes=self.generator.config.vocab_size, ignore_index=-100)
         gen = self.generator
         gen_hidden = gen.electra(input_ids, attention_mask, token_type_ids).last_hidden_state
-        mlm = gen.mlm_loss(gen_hidden, labels)
-        selected = labels != -100  # (B, T)
-        with torch.no_grad():
-            # ELECTRA stops the gradient at sampling: the generator learns from its MLM loss only.
-            sampled = ops.sample_tokens(gen.mlm_logits(gen_hidden[selected]), seed=seed, temperature=self.temperature)
-        corrupted = input_ids.masked_scatter(selected, sampled)
-        original = torch.where(selected, labels, input_ids)
-        replaced = corrupted != original
-        if attention_mask is not None:
-            replaced &= attention_mask.bool()
+        head, decoder = gen.generator_predictions, gen.generator_lm_head
+        # One pass over the vocabulary: the MLM loss and a sampled token per masked position (no
+        # gradient through sampling: the generator learns from its MLM loss only).
+        mlm, corrupted, replaced = generator_sample(
+            gen_hidden, labels, input_ids, head.dense.weight, head.dense.bias, head.LayerNorm.weight,
+            head.LayerNorm.bias, decoder.weight, decoder.bias, attention_mask=attention_mask, approximate="none",
+            eps=head.LayerNorm.eps, seed=seed, temperature=self.temperature)
         disc = self.discriminator(corrupted, attention_mask, token_type_ids, labels=replaced)
         return ElectraPretrainingOutput(loss=mlm + self.rtd_weight * disc.loss, mlm_loss=mlm, rtd_loss=disc.loss,
                                         logits=disc.logits, corrupted_ids=corrupted, replaced=replaced)

@@ -2,15 +2,18 @@
 
     token = argmax_v (logits[v] / temperature - log(-log(u[v]))),   u ~ Uniform(0, 1) i.i.d.
 
-which draws ``token`` with probability softmax(logits / temperature). Seeded: the same seed and
-the same logits give the same tokens. No gradient flows through sampling (ELECTRA stops it).
+which draws ``token`` with probability softmax(logits / temperature). The uniforms come from the
+shared counter-based RNG (``bertfast.ops.rng.uniforms``: element (row, vocab id) of stream 0), so a
+kernel draws the same noise without storing it (``generator_sample``'s fused kernel does). Seeded:
+the same seed and the same logits give the same tokens. No gradient flows through sampling
+(ELECTRA stops it).
 """
 
 from __future__ import annotations
 
 import torch
 
-from bertfast.ops import checks
+from bertfast.ops import checks, rng
 from bertfast.ops.dispatch import Op
 
 OP = Op("sample_tokens")
@@ -19,7 +22,7 @@ OP = Op("sample_tokens")
 def sample_tokens(
     logits: torch.Tensor,
     *,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     temperature: float = 1.0,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -27,7 +30,8 @@ def sample_tokens(
 
     Args:
         logits: (N, vocab) unnormalised scores.
-        seed: makes the draw reproducible; None uses torch's global generator.
+        seed: int or int64 tensor of one element; makes the draw reproducible. None draws a seed
+            from torch's global generator (so ``torch.manual_seed`` makes runs repeatable).
         temperature: > 0; the scores are divided by it.
 
     Returns:
@@ -38,28 +42,25 @@ def sample_tokens(
     checks.nonempty(name, "logits", logits, (1,), "the vocabulary dim")
     if not float(temperature) > 0:
         raise ValueError(f"{name}: `temperature` must be positive, got {temperature}")
-    if seed is not None and not isinstance(seed, int):
-        raise TypeError(f"{name}: `seed` must be an int or None, got {type(seed).__name__}")
+    seed_tensor = rng.seed_tensor(name, seed, logits.device)
 
     facts = {"device": logits.device.type, "dtype": logits.dtype}
     impl = OP.select(backend, facts).impl
     with torch.no_grad():
-        return impl(logits, seed, float(temperature))
+        return impl(logits, seed_tensor, float(temperature))
 
 
-def gumbel_uniforms(shape, device, seed: int | None) -> torch.Tensor:
-    """The float32 uniforms of the torch backend, shared with the tests' independent formula."""
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+def gumbel_uniforms(shape, device, seed: int | torch.Tensor | None) -> torch.Tensor:
+    """The (rows, vocab) float32 uniforms the torch backend draws for ``seed`` (shared with the tests'
+    independent formula): element (row, v) of the counter-based RNG's stream 0, never 0 or 1."""
+    rows, vocab = shape
+    return rng.uniforms(rng.seed_tensor(OP.name, seed, device), rows, vocab)
 
 
 @OP.register("torch")
 def sample_tokens_torch(logits, seed, temperature):
-    u = gumbel_uniforms(logits.shape, logits.device, seed)
-    # u == 0 gives -inf noise: that token is never drawn, which is the right limit.
+    """seed: the int64 tensor (1,) of ``bertfast.ops.rng.seed_tensor``."""
+    u = rng.uniforms(seed, logits.shape[0], logits.shape[1])  # (N, V) in (0, 1)
     gumbel = -torch.log(-torch.log(u))
     scores = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     return torch.argmax(scores + gumbel, dim=-1)
