@@ -30,14 +30,13 @@ same formula in PyTorch, which the torch backend uses, so both backends drop the
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from bertfast.kernels import autotune
 from bertfast.kernels.rng import dropout_args, keep, keep_t, stream_key
 
 # ----------------------------------------------------------------------------------------------
@@ -294,9 +293,6 @@ class Config:
     num_stages: int
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def block_d(head_dim: int) -> int:
     """Head dim rounded up to a power of two (>= 16, the smallest tl.dot K); the rest is masked."""
@@ -354,27 +350,6 @@ def candidate_configs(kind: str, head_dim: int, dtype: torch.dtype) -> list[Conf
     if aligned:
         return [Config(128, 32, 8, 2), Config(64, 32, 4, 2), Config(64, 64, 8, 2)]
     return [Config(64, 32, 8, 2), Config(64, 32, 4, 2), Config(32, 64, 4, 2)]
-
-
-AUTOTUNE_ENV = "BERTFAST_AUTOTUNE"
-_tuned: dict[tuple, Config] = {}
-
-
-def _pick(kind: str, key: tuple, candidates: list[Config], launch) -> Config:
-    """The config for ``key``: the first candidate, or (on a GPU, at most once per key per process)
-    the fastest of the few candidates, timed with ``triton.testing.do_bench`` in ~100 ms."""
-    if len(candidates) == 1 or interpreting() or os.environ.get(AUTOTUNE_ENV, "1") == "0":
-        return candidates[0]
-    full_key = (kind,) + key
-    if full_key not in _tuned:
-        times = []
-        for config in candidates:
-            try:
-                times.append(triton.testing.do_bench(functools.partial(launch, config), warmup=5, rep=20))
-            except triton.runtime.errors.OutOfResources:  # more shared memory than the card holds
-                times.append(float("inf"))
-        _tuned[full_key] = candidates[min(range(len(times)), key=times.__getitem__)]
-    return _tuned[full_key]
 
 
 def _tune_key(q: torch.Tensor, max_seqlen: int, flags: tuple) -> tuple:
@@ -455,7 +430,9 @@ def attention_fwd(q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqlen=No
             num_stages=c.num_stages)
 
     flags = (varlen, mask is not None, dropout)
-    config = config or _pick("fwd", _tune_key(q, seqlen_q, flags), candidate_configs("fwd", D, q.dtype), launch)
+    if config is None:
+        key = ("attention", "fwd") + _tune_key(q, seqlen_q, flags)
+        config = autotune.pick(key, candidate_configs("fwd", D, q.dtype), launch)
     launch(config)
     return out, lse
 
@@ -507,8 +484,8 @@ def attention_bwd(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlens=Non
 
     flags = (varlen, mask is not None, dropout, atomic)
     key = _tune_key(q, max(seqlen_q, seqlen_k), flags)
-    dkdv_config = configs[0] if configs else _pick("bwd_dkdv", key, candidate_configs("bwd_dkdv", D, q.dtype),
-                                                   launch_dkdv)
+    dkdv_config = configs[0] if configs else autotune.pick(("attention", "bwd_dkdv") + key,
+                                                           candidate_configs("bwd_dkdv", D, q.dtype), launch_dkdv)
     launch_dkdv(dkdv_config)
     if atomic:
         return dq_acc.to(q.dtype), dk, dv
@@ -524,6 +501,7 @@ def attention_bwd(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlens=Non
             drop_scale, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
             **common)
 
-    dq_config = configs[1] if configs else _pick("bwd_dq", key, candidate_configs("bwd_dq", D, q.dtype), launch_dq)
+    dq_config = configs[1] if configs else autotune.pick(("attention", "bwd_dq") + key,
+                                                         candidate_configs("bwd_dq", D, q.dtype), launch_dq)
     launch_dq(dq_config)
     return dq, dk, dv

@@ -39,13 +39,13 @@ Row offsets are int64 (rows * stride can pass 2^31); column offsets and row indi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from bertfast.kernels import autotune
 from bertfast.kernels.aot import TRITON_TYPE, Launch
 from bertfast.kernels.rng import dropout_args, keep, stream_key
 
@@ -261,9 +261,6 @@ _TILE = {("fwd", 2): 8192, ("fwd", 4): 4096, ("bwd", 2): 4096, ("bwd", 4): 2048}
 ELEMENTS_PER_THREAD = 16  # float32 values of one tile per thread: num_warps = tile / (32 * 16)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def heuristic_config(kind: str, N: int, dtype: torch.dtype, interpreter: bool | None = None) -> Config:
     """The launch configuration of kernel ``kind`` ("fwd" or "bwd") for rows of N elements of
@@ -282,7 +279,7 @@ def heuristic_config(kind: str, N: int, dtype: torch.dtype, interpreter: bool | 
     if chunked:
         block_n = CHUNK_N[kind]
     tile = _TILE[(kind, size)]
-    if interpreting() if interpreter is None else interpreter:
+    if autotune.interpreting() if interpreter is None else interpreter:
         tile *= INTERPRETER_TILE_SCALE
     rows = max(1, tile // block_n)
     warps = min(16, max(2, rows * block_n // (32 * ELEMENTS_PER_THREAD)))

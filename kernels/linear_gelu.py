@@ -18,14 +18,13 @@ modulo M and N), so the K loop masks only the K tail; the stores are masked. Row
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from bertfast.kernels import autotune
 from bertfast.kernels.aot import TRITON_TYPE, Launch
 from bertfast.kernels.bias_gelu import gelu
 
@@ -103,30 +102,6 @@ def candidate_configs(dtype: torch.dtype) -> list[Config]:
             Config(128, 64, 64, 8, 4, 4)]
 
 
-AUTOTUNE_ENV = "BERTFAST_AUTOTUNE"
-_tuned: dict[tuple, Config] = {}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _pick(key: tuple, candidates: list[Config], launch) -> Config:
-    """The config for ``key``: the first candidate, or (on a GPU, at most once per key per process)
-    the fastest of the few, timed with ``triton.testing.do_bench``."""
-    if len(candidates) == 1 or interpreting() or os.environ.get(AUTOTUNE_ENV, "1") == "0":
-        return candidates[0]
-    if key not in _tuned:
-        times = []
-        for config in candidates:
-            try:
-                times.append(triton.testing.do_bench(functools.partial(launch, config), warmup=5, rep=20))
-            except triton.runtime.errors.OutOfResources:  # more shared memory than the card holds
-                times.append(float("inf"))
-        _tuned[key] = candidates[min(range(len(times)), key=times.__getitem__)]
-    return _tuned[key]
-
-
 def rows_bucket(rows: int) -> int:
     """Rows rounded up to a power of two, capped: the best tile changes slowly with M."""
     return min(triton.next_power_of_2(max(rows, 1)), 16384)
@@ -163,7 +138,7 @@ def linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             DOT_PRECISION=precision, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
             num_warps=c.num_warps, num_stages=c.num_stages)
 
-    config = config or _pick(_tune_key(x, M, N, K), candidate_configs(x.dtype), launch)
+    config = config or autotune.pick(("linear_gelu",) + _tune_key(x, M, N, K), candidate_configs(x.dtype), launch)
     launch(config)
     return y, z
 

@@ -28,14 +28,13 @@ int64 (rows x row stride may pass 2^31); V x E of one decoder matrix stays below
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from bertfast.kernels import autotune
 from bertfast.kernels.aot import TRITON_TYPE, Launch
 from bertfast.kernels.rng import mix32, uniform
 
@@ -206,9 +205,6 @@ class Config:
     num_stages: int
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def fit(config: Config, E: int) -> Config:
     """``config`` with block_k and block_e cut to E rounded up to a power of two (>= 16, the smallest
@@ -243,27 +239,6 @@ def candidate_configs(kind: str, E: int, dtype: torch.dtype) -> list[Config]:
         if c not in fitted:  # a narrow E can make two candidates equal
             fitted.append(c)
     return fitted
-
-
-AUTOTUNE_ENV = "BERTFAST_AUTOTUNE"
-_tuned: dict[tuple, Config] = {}
-
-
-def _pick(kind: str, key: tuple, candidates: list[Config], launch) -> Config:
-    """The first candidate, or (on a GPU, at most once per key per process) the fastest of the few,
-    timed with ``triton.testing.do_bench``. Every launch only writes its outputs, so timing reruns are safe."""
-    if len(candidates) == 1 or interpreting() or os.environ.get(AUTOTUNE_ENV, "1") == "0":
-        return candidates[0]
-    full_key = (kind,) + key
-    if full_key not in _tuned:
-        times = []
-        for config in candidates:
-            try:
-                times.append(triton.testing.do_bench(functools.partial(launch, config), warmup=5, rep=20))
-            except triton.runtime.errors.OutOfResources:  # more shared memory than the card holds
-                times.append(float("inf"))
-        _tuned[full_key] = candidates[min(range(len(times)), key=times.__getitem__)]
-    return _tuned[full_key]
 
 
 def _tune_key(h: torch.Tensor, M: int, V: int, flags: tuple) -> tuple:
@@ -315,7 +290,9 @@ def vocab_ce_fwd(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             DRAW=draw, DOT_PRECISION=_dot_precision(h.dtype), BLOCK_M=c.block_m, BLOCK_V=c.block_v,
             BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
 
-    config = config or _pick("fwd", _tune_key(h, M, V, (draw,)), candidate_configs("fwd", E, h.dtype), launch)
+    if config is None:
+        key = ("vocab_loss", "fwd") + _tune_key(h, M, V, (draw,))
+        config = autotune.pick(key, candidate_configs("fwd", E, h.dtype), launch)
     launch(config)
     return loss, lse, samples
 
@@ -353,9 +330,11 @@ def vocab_ce_bwd(g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: t
             num_warps=c.num_warps, num_stages=c.num_stages, **common)
 
     key = _tune_key(h, M, V, ())
-    dh_config = configs[0] if configs else _pick("bwd_dh", key, candidate_configs("bwd_dh", E, h.dtype), launch_dh)
+    dh_config = configs[0] if configs else autotune.pick(("vocab_loss", "bwd_dh") + key,
+                                                         candidate_configs("bwd_dh", E, h.dtype), launch_dh)
     launch_dh(dh_config)
-    dw_config = configs[1] if configs else _pick("bwd_dw", key, candidate_configs("bwd_dw", E, h.dtype), launch_dw)
+    dw_config = configs[1] if configs else autotune.pick(("vocab_loss", "bwd_dw") + key,
+                                                         candidate_configs("bwd_dw", E, h.dtype), launch_dw)
     launch_dw(dw_config)
     return dh, dw, db
 
