@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     static.add_argument("--out", metavar="PATH", help="also write the Markdown report to PATH")
     static.add_argument("--quick", action="store_true", help="only the heavy subset the test compiles (minutes, not ~10)")
     static.add_argument("--jobs", type=int, default=None, help="compiles at a time (default: one per CPU)")
+    static.add_argument("--part", choices=("all", "attention", "families"), default="all",
+                        help="the attention kernels, the other kernel families (kernels/<family>.py), or both")
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -42,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         missing = kernel_report.missing_tools()
         if missing:
             parser.error(f"static-report: {missing}")
-        todo = kernel_report.quick_variants() if args.quick else kernel_report.variants(flags="extremes")
-        jobs = kernel_report.quick_launch_jobs() if args.quick else kernel_report.launch_jobs()
+        todo, jobs = [], []
+        if args.part in ("all", "attention"):
+            todo = kernel_report.quick_variants() if args.quick else kernel_report.variants(flags="extremes")
+        if args.part in ("all", "families"):
+            jobs = kernel_report.quick_launch_jobs() if args.quick else kernel_report.launch_jobs()
 
         def progress(done, total, row):
             print(f"\r[{done}/{total}] {row.describe()} {row.compile_s:.1f} s   ", end="", file=sys.stderr,
@@ -52,10 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         rows = kernel_report.compile_all(todo + jobs, jobs=args.jobs, progress=progress)
         print(file=sys.stderr)
-        command = "bertfast static-report" + (" --quick" if args.quick else "")
+        command = ("bertfast static-report" + (" --quick" if args.quick else "")
+                   + (f" --part {args.part}" if args.part != "all" else ""))
         scope = kernel_report.QUICK_SCOPE if args.quick else kernel_report.FULL_SCOPE
-        text = kernel_report.render(rows[:len(todo)], command, time.perf_counter() - start, scope,
-                                    launch_rows=rows[len(todo):])
+        seconds = time.perf_counter() - start
+        if todo:
+            text = kernel_report.render(rows[:len(todo)], command, seconds, scope, launch_rows=rows[len(todo):])
+        else:
+            text = kernel_report.render_families(rows, command, seconds, quick=args.quick)
         print(text)
         if args.out:
             with open(args.out, "w") as f:

@@ -438,10 +438,20 @@ def launch_jobs(families=FAMILIES, archs=ARCHS, dtypes=DTYPES) -> list[LaunchJob
             if launch.dtype in dtypes for arch in archs]
 
 
-def quick_launch_jobs() -> list[LaunchJob]:
-    """What the test compiles of the families: every launch in bfloat16 and float32 (float16 compiles
-    as bfloat16 does), both archs."""
-    return launch_jobs(dtypes=("bfloat16", "float32"))
+def quick_launch_jobs(families=FAMILIES) -> list[LaunchJob]:
+    """What the test compiles of the families: for every kernel, block config and dtype in bfloat16
+    and float32 (float16 compiles as bfloat16 does), the launch with the most flags set (the most
+    live values), on both archs. ``bertfast static-report`` compiles every launch."""
+    heaviest: dict[tuple, tuple[int, LaunchJob]] = {}
+    for family in families:
+        for i, launch in enumerate(family_launches(family)):
+            if launch.dtype == "float16":
+                continue
+            for arch in ARCHS:
+                key = (family, launch.kernel_name, launch.dtype, launch.config, arch)
+                if key not in heaviest or len(launch.flags) > heaviest[key][0]:
+                    heaviest[key] = (len(launch.flags), LaunchJob(family, i, arch))
+    return [job for _, job in heaviest.values()]
 
 
 def compile_launch(job: LaunchJob) -> LaunchRow:
@@ -602,12 +612,31 @@ def render(rows: list[KernelRow], command: str, seconds: float, scope: str,
         lines += [title, "", *[f"- {b}" for b in bad], ""]
     lines += ["## All configs", "", markdown_table(rows), ""]
     if launch_rows:
-        lines += ["# The other kernel families", "",
-                  "Every launch each family's launchers can pick (`aot_launches()` in kernels/<family>.py), "
-                  "specialized for that module's representative problem, for sm_80 and sm_90.", "",
-                  *[f"- {line}" for line in launch_summary(launch_rows)], ""]
-        bad = [f"- {r.describe()}: {'; '.join(r.problems)}" for r in launch_rows if r.problems]
-        if bad:
-            lines += ["## Launches that fail the check", "", *bad, ""]
-        lines += ["## All launches", "", launch_table(launch_rows), ""]
+        lines += families_section(launch_rows)
     return "\n".join(lines)
+
+
+def families_section(launch_rows: list[LaunchRow], made: str = "") -> list[str]:
+    """The report's part for the kernel families: summary, failing rows, table."""
+    lines = ["# The other kernel families", "",
+             "Every launch each family's launchers can pick (`aot_launches()` in kernels/<family>.py), "
+             "specialized for that module's representative problem, for sm_80 and sm_90." + made, "",
+             *[f"- {line}" for line in launch_summary(launch_rows)], ""]
+    bad = [f"- {r.describe()}: {'; '.join(r.problems)}" for r in launch_rows if r.problems]
+    if bad:
+        lines += ["## Launches that fail the check", "", *bad, ""]
+    return lines + ["## All launches", "", launch_table(launch_rows), ""]
+
+
+def render_families(rows: list[LaunchRow], command: str, seconds: float, quick: bool) -> str:
+    """The families' part alone (``bertfast static-report --part families``)."""
+    import datetime
+
+    import triton
+
+    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    scope = (" Quick subset: per kernel, block config and dtype (bfloat16, float32), the launch with the most "
+             "flags." if quick else "")
+    made = (f"{scope} Made by `{command}` with triton {triton.__version__} on {date}, no GPU ({len(rows)} "
+            f"compiles, {seconds:.0f} s wall).")
+    return "\n".join(families_section(rows, made))

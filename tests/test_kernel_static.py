@@ -3,7 +3,7 @@
 registers, or asks for more shared memory than the card has, and every sm_90 float16/bfloat16
 forward runs on Hopper's HGMMA.
 
-The subset is ``kernel_report.quick_variants()`` (`bertfast static-report --quick`): the heaviest
+The attention subset is ``kernel_report.quick_variants()`` (`bertfast static-report --quick`): the heaviest
 flags (key mask + dropout, + atomic dq for dkdv), BLOCK_D 64 and 128, aligned head dims (multiples
 of 16) and unaligned ones (multiples of 8, e.g. 40 and 72, which compile to scalar masked loads),
 every candidate config; the four kernels in bfloat16, the three with a dot in float32 at BLOCK_D
@@ -11,6 +11,10 @@ every candidate config; the four kernels in bfloat16, the three with a dot in fl
 a minute with a warm one.
 `bertfast static-report` compiles everything (benchmarks/STATIC.md). float32 is left out of the
 HGMMA check: its dots are full-precision ("ieee"), which Hopper's warpgroup MMA does not do.
+
+The other kernel families (kernels/<family>.py ``aot_launches()``): ``kernel_report.quick_launch_jobs()``,
+per kernel, block config and dtype (bfloat16, float32) the launch with the most flags, on both archs
+(about 300 compiles); `bertfast static-report --part families` compiles all of them.
 """
 
 from __future__ import annotations
@@ -87,3 +91,30 @@ def test_unaligned_head_dims_get_no_divisibility_hint():
     assert strides <= hinted(True)
     assert not strides & hinted(False)
     assert {"Q", "K", "V", "stride_qb"} <= hinted(False)  # pointers stay 16-byte aligned, the batch stride too
+
+
+# --- the other kernel families (kernels/<family>.py aot_launches) -------------------------------
+
+
+@pytest.fixture(scope="module")
+def launch_rows() -> list[kernel_report.LaunchRow]:
+    missing = kernel_report.missing_tools()
+    if missing:
+        pytest.skip(f"cannot compile ahead of time: {missing}")
+    return kernel_report.compile_all(kernel_report.quick_launch_jobs())
+
+
+@pytest.mark.parametrize("family", kernel_report.FAMILIES)
+def test_family_lists_launches_for_every_dtype(family):
+    pytest.importorskip("triton")
+    launches = kernel_report.family_launches(family)
+    assert {launch.dtype for launch in launches} == set(kernel_report.DTYPES), family
+    for launch in launches:  # every argument of the kernel is given, as the report specializes them
+        names = set(launch.kernel.arg_names)
+        assert set(launch.args) | set(launch.constexprs) == names, (family, launch.kernel_name, launch.config)
+
+
+def test_family_launches_compile_without_spills(launch_rows):
+    assert {r.job.family for r in launch_rows} == set(kernel_report.FAMILIES)
+    bad = [f"{r.describe()}: {'; '.join(r.problems)}" for r in launch_rows if r.problems]
+    assert not bad, f"{len(bad)} of {len(launch_rows)} launches fail the static check:\n" + "\n".join(bad)
