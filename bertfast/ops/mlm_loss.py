@@ -152,8 +152,6 @@ def mlm_loss_torch(hidden, labels, dense_weight, dense_bias, norm_weight, norm_b
 # triton backend: the head through its ops, then the decoder fused with the cross-entropy
 
 
-
-
 def triton_refusal(facts) -> str | None:
     """Why the fused vocabulary kernels cannot run a call (shared with ``generator_sample``)."""
     return triton_support.refusal(facts)
