@@ -39,11 +39,7 @@ import itertools
 
 import pytest
 import torch
-from flops import (  # noqa: F401  (the *_fixture names are pytest fixtures, used by name)
-    device_fixture,
-    env_info_fixture,
-    one_cpu_thread_fixture,
-    release_memory_fixture,
+from flops import (
     run_case,
 )
 

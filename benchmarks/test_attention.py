@@ -44,7 +44,6 @@ more: correctness is the tests' business, never a benchmark's.
 from __future__ import annotations
 
 import contextlib
-import gc
 import itertools
 import time
 import warnings
@@ -54,10 +53,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flops import (
+    DTYPE,
+    MODES,
+    TRITON_NEEDS_CUDA,
     L2Flush,
+    all_finite,
     attention_flops,
-    environment,
-    matmul_tflops,
+    peak_memory_mib,
     tflops,
     use_device_clock,
 )
@@ -65,7 +67,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bertfast
 
-MODES = ("fwd", "bwd", "fwd+bwd")
 SEQ_LENS = (128, 512, 2048, 8192)
 CPU_SEQ_LENS = (128, 512)
 PADDINGS = ("ragged", "nopad")
@@ -74,16 +75,14 @@ IMPLS = ("bertfast-triton-padded", "bertfast-triton-varlen", "bertfast-torch",
          "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "hf-eager")
 HEADS, HEAD_DIM = 12, 64
 TOKENS = {"cuda": 16384, "cpu": 512}  # B * T of every case
-DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 # (fewest rounds, most rounds, seconds the timed rounds should take) and warmup rounds, per device
 ROUNDS = {"cuda": (10, 100, 0.5), "cpu": (3, 3, 0.0)}
 WARMUP_ROUNDS = {"cuda": 3, "cpu": 0}  # after the first call, which is untimed on both
 SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
-_TRITON_NEEDS_CUDA = "the triton backend compiles for a GPU (the Triton interpreter on CPU is for tests, never timed)"
 CUDA_ONLY = {  # impl -> why it cannot run on a CPU
-    "bertfast-triton-padded": _TRITON_NEEDS_CUDA,
-    "bertfast-triton-varlen": _TRITON_NEEDS_CUDA,
+    "bertfast-triton-padded": TRITON_NEEDS_CUDA,
+    "bertfast-triton-varlen": TRITON_NEEDS_CUDA,
     "sdpa-efficient": "SDPA's EFFICIENT_ATTENTION backend has CUDA kernels only",
     "sdpa-cudnn": "SDPA's CUDNN_ATTENTION backend has CUDA kernels only",
 }
@@ -91,39 +90,6 @@ CUDA_ONLY = {  # impl -> why it cannot run on a CPU
 
 # ------------------------------------------------------------------------------------------------
 # Session facts: decided when the first benchmark runs, never at import
-
-
-@pytest.fixture(scope="session")
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(scope="session")
-def env_info(device, _one_cpu_thread) -> dict:
-    info = environment(device)
-    info["matmul_tflops"] = None  # the card's measured rate in the benchmarks' dtype; GPU only
-    if device.type == "cuda":
-        info["matmul_tflops"] = round(matmul_tflops(device, DTYPE["cuda"]), 1)
-    return info
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_cpu_thread(device):
-    """On a CPU, one intra-op thread (as the tests use): on a small, shared machine two threads
-    spin-wait on each other and the times say more about the neighbours than about the code."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _release_memory(device):
-    yield
-    if device.type == "cuda":  # a seq-8192 case's blocks must not crowd the next case out
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,11 +206,6 @@ def sdpa_refusal(impl: str, error: RuntimeError, caught: list) -> str | None:
     return f"SDPA {SDPA_BACKENDS[impl].name} refused this case: " + ("; ".join(reasons) or text.splitlines()[0])
 
 
-def all_finite(result) -> bool:
-    tensors = result if isinstance(result, tuple) else (result,)
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
 # ------------------------------------------------------------------------------------------------
 # The benchmark
 
@@ -322,16 +283,3 @@ def test_attention(benchmark, device, env_info, mode, seq_len, padding, dropout_
         if env_info["matmul_tflops"]:
             info["fraction_of_matmul_rate"] = info["tflops"] / env_info["matmul_tflops"]
     benchmark.extra_info.update(info)
-
-
-def peak_memory_mib(setup, target) -> float:
-    """Peak allocation of one untimed call above what was allocated when it began (outputs, saved
-    activations, workspace; for bwd the forward's saved tensors count as already allocated)."""
-    args, _ = setup()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    result = target(*args)
-    torch.cuda.synchronize()
-    del result
-    return (torch.cuda.max_memory_allocated() - before) / 2**20

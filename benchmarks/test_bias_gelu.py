@@ -49,19 +49,15 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from flops import (  # noqa: F401  (the *_fixture names are pytest fixtures, used by name)
+from flops import (
     DTYPE,
     MODES,
     TRITON_NEEDS_CUDA,
     bertfast_op,
     bias_gelu_bytes,
     compile_skip_reason,
-    device_fixture,
-    env_info_fixture,
     fresh_compile,
     gemm_flops,
-    one_cpu_thread_fixture,
-    release_memory_fixture,
     run_case,
 )
 

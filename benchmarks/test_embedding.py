@@ -42,15 +42,11 @@ import itertools
 
 import pytest
 import torch
-from flops import (  # noqa: F401  (the *_fixture names are pytest fixtures, used by name)
+from flops import (
     DTYPE,
     MODES,
     TRITON_NEEDS_CUDA,
-    device_fixture,
     embedding_bytes,
-    env_info_fixture,
-    one_cpu_thread_fixture,
-    release_memory_fixture,
     run_case,
 )
 from torch import nn
