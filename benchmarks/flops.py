@@ -32,8 +32,8 @@ the first launch to the end of the last kernel (host launch gaps inside the call
 On a CPU the default wall clock is the right one.
 
 The ops' benchmarks (test_layer_norm.py, test_bias_gelu.py, test_embedding.py, test_mlm_loss.py,
-test_rtd_loss.py, test_albert_loop.py) share the harness at the end of this file: the session
-fixtures, ``run_case`` (one timed case: first call untimed, CUDA events and an L2 flush on a GPU,
+test_rtd_loss.py, test_albert_loop.py) share the harness at the end of this file (the session
+fixtures are in conftest.py): ``run_case`` (one timed case: first call untimed, CUDA events and an L2 flush on a GPU,
 wall time on a CPU, peak memory, finiteness, extra_info) and the formulas below.
 
 Bytes ("compulsory traffic"), for the memory-bound ops, in the convention of Triton's layer-norm
@@ -268,8 +268,7 @@ def copy_gbs(device: torch.device, nbytes: int = 2**30, reps: int = 20) -> float
 
 
 # ------------------------------------------------------------------------------------------------
-# The ops' benchmark harness. The fixtures are imported by name into each test module (pytest
-# collects fixtures from a module's namespace); nothing here touches a GPU before a case runs.
+# The ops' benchmark harness (its fixtures: conftest.py); nothing here touches a GPU before a case runs.
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
