@@ -58,7 +58,6 @@ backward does two products per forward product (d_input and d_weight): bwd = 2x 
 from __future__ import annotations
 
 import gc
-import importlib
 import os
 import platform
 import statistics
@@ -279,19 +278,6 @@ TRITON_NEEDS_CUDA = "the triton backend compiles for a GPU (the Triton interpret
 # torch.compile on a CPU builds C++ with inductor: ~25 s per graph on a 2-core machine, more than a
 # whole smoke run of a file. Set this variable to 1 to run the compiled cases on a CPU anyway.
 COMPILE_ON_CPU_ENV = "BERTFAST_BENCH_COMPILE_ON_CPU"
-
-
-def bertfast_op(name: str) -> Callable | None:
-    """The function ``bertfast.ops.<name>`` from its own module, or None while the op does not
-    exist. (Not ``getattr(bertfast.ops, name)``: until the package re-exports a new op, that
-    attribute is the submodule of the same name once anything has imported it.)"""
-    try:
-        module = importlib.import_module(f"bertfast.ops.{name}")
-    except ModuleNotFoundError as error:
-        if error.name != f"bertfast.ops.{name}":
-            raise  # the op exists but something it imports does not: say so
-        return None
-    return getattr(module, name, None)
 
 
 def compile_skip_reason(device: torch.device) -> str | None:

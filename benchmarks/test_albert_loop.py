@@ -39,9 +39,7 @@ import itertools
 
 import pytest
 import torch
-from flops import (
-    run_case,
-)
+from flops import run_case
 
 from bertfast import models
 
@@ -89,14 +87,8 @@ CASES = [pytest.param(mode, impl, id=f"{mode}-{impl}") for mode, impl in itertoo
 def test_albert_loop(benchmark, device, env_info, mode, impl):
     kind = device.type
     model = built(kind, device)
-    encoder = model.albert.encoder
     loop, recompute = IMPLS[impl]
-    if not hasattr(encoder, "loop") or (recompute and not hasattr(encoder, "recompute")):
-        pytest.skip("bertfast.models.albert.AlbertTransformer has no `loop`/`recompute` switch yet (the fused "
-                    "shared-layer loop is being written): nothing to compare")
-    encoder.loop = loop
-    if hasattr(encoder, "recompute"):
-        encoder.recompute = recompute
+    models.set_layer_loop(model, loop, recompute)
     B, T = BATCH[kind]
     inputs = batch(CONFIG[kind], (B, T), device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if kind == "cuda" else contextlib.nullcontext

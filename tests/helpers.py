@@ -92,3 +92,13 @@ def base_encoder(model_type: str) -> torch.nn.Module:
                              "roberta": (models.RobertaConfig, models.RobertaModel),
                              "electra": (models.ElectraConfig, models.ElectraModel)}[model_type]
     return model_cls(config_cls(**{**SIZES, **EXTRA[model_type]}))
+
+
+def mix32_python(x: int) -> int:
+    """lowbias32 on Python ints (arbitrary precision: no overflow question), the independent form of
+    the kernels' hash (bertfast.ops.rng.mix32, kernels/rng.py)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)

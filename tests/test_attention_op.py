@@ -8,6 +8,7 @@ import torch
 
 from bertfast import ops
 from bertfast.ops.attention import attention_forward, dropout_keep_mask
+from helpers import mix32_python
 
 B, T, H, D = 3, 6, 2, 4
 
@@ -142,26 +143,17 @@ def test_offsets_are_read_once_then_again_after_an_in_place_write():
         ops.attention(PACKED, PACKED, PACKED, cu_seqlens=cu, max_seqlen=3)
 
 
-def _mix32_python(x: int) -> int:
-    """lowbias32 on Python ints (arbitrary precision: no overflow question at all)."""
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    return x ^ (x >> 16)
-
-
 @pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 2**31 + 5])
 def test_dropout_bits_equal_a_pure_python_hash(seed):
     p, batch, heads, rows, cols = 0.3, 2, 3, 5, 7
     keep = dropout_keep_mask(torch.tensor([seed]), batch, heads, rows, cols, p)
     threshold = round(p * (1 << 24))
     for bh in range(batch * heads):
-        key = _mix32_python(_mix32_python(seed & 0xFFFFFFFF) ^ bh)
+        key = mix32_python(mix32_python(seed & 0xFFFFFFFF) ^ bh)
         for i in range(rows):
-            row_key = _mix32_python(key ^ i)
+            row_key = mix32_python(key ^ i)
             for j in range(cols):
-                expected = (_mix32_python(row_key ^ j) >> 8) >= threshold
+                expected = (mix32_python(row_key ^ j) >> 8) >= threshold
                 assert keep[bh // heads, bh % heads, i, j].item() == expected, (bh, i, j)
 
 

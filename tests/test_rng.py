@@ -6,14 +6,7 @@ import pytest
 import torch
 
 from bertfast.ops import rng
-
-
-def _mix32(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    return x ^ (x >> 16)
+from helpers import mix32_python
 
 
 @pytest.mark.parametrize("seed", [0, 3, 2**31 - 1])
@@ -22,10 +15,10 @@ def test_bits_and_uniforms_equal_a_pure_python_hash(seed):
     bits = rng.bits(torch.tensor([seed]), 2, rows, cols)
     u = rng.uniforms(torch.tensor([seed]), rows, cols)
     for stream in range(2):
-        key = _mix32(_mix32(seed) ^ stream)
+        key = mix32_python(mix32_python(seed) ^ stream)
         for i in range(rows):
             for j in range(cols):
-                expected = _mix32(_mix32(key ^ i) ^ j)
+                expected = mix32_python(mix32_python(key ^ i) ^ j)
                 assert bits[stream, i, j].item() & 0xFFFFFFFF == expected
                 if stream == 0:
                     assert u[i, j].item() == ((expected >> 9) + 0.5) / 2**23

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from bertfast.ops import checks, rng
+from bertfast.ops import checks, rng, triton_support
 from bertfast.ops.dispatch import Op
 from bertfast.ops.mlm_loss import (check_head, cross_entropy_torch, decoder_cross_entropy, head_hidden,
-                                   head_logits_torch, reduce_losses, triton_refusal)
+                                   head_logits_torch, reduce_losses)
 from bertfast.ops.sample_tokens import sample_tokens_torch
 
 OP = Op("generator_sample")
@@ -111,7 +111,7 @@ def generator_sample_torch(hidden, labels, input_ids, dense_weight, dense_bias, 
     return (loss, *corrupt(input_ids, labels, selected, sampled, attention_mask))
 
 
-@OP.register("triton", refuse=triton_refusal)
+@OP.register("triton", refuse=triton_support.refusal)
 def generator_sample_triton(hidden, labels, input_ids, dense_weight, dense_bias, norm_weight, norm_bias,
                             decoder_weight, decoder_bias, attention_mask, approximate, eps, ignore_index, seed,
                             temperature):

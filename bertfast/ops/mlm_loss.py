@@ -152,11 +152,6 @@ def mlm_loss_torch(hidden, labels, dense_weight, dense_bias, norm_weight, norm_b
 # triton backend: the head through its ops, then the decoder fused with the cross-entropy
 
 
-def triton_refusal(facts) -> str | None:
-    """Why the fused vocabulary kernels cannot run a call (shared with ``generator_sample``)."""
-    return triton_support.refusal(facts)
-
-
 def head_hidden(h, dense_weight, dense_bias, norm_weight, norm_bias, approximate, eps):
     """(M, H) gathered hidden states -> (M, E) head output: dense (cuBLAS), then the bias_gelu and
     layer_norm ops, each on its own fastest backend."""
@@ -177,7 +172,7 @@ def decoder_cross_entropy(h, targets, decoder_weight, decoder_bias, label_smooth
     return vocab_cross_entropy(h, decoder_weight, decoder_bias, targets, label_smoothing, seed, temperature, backend)
 
 
-@OP.register("triton", refuse=triton_refusal)
+@OP.register("triton", refuse=triton_support.refusal)
 def mlm_loss_triton(hidden, labels, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias,
                     approximate, eps, ignore_index, label_smoothing, reduction):
     selected = labels != ignore_index  # (B, T)

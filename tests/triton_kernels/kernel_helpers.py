@@ -28,3 +28,14 @@ def within_rule(kernel: torch.Tensor, torch_same_dtype: torch.Tensor, ref64: tor
     atol = ulps * torch.finfo(kernel.dtype).eps * max(ref64.abs().max().item(), floor)
     err, budget = max_error(kernel, ref64), 2 * max_error(torch_same_dtype, ref64) + atol
     assert err <= budget, f"{what}: kernel error {err:.3e} > 2 x torch error + atol = {budget:.3e}"
+
+
+def within_rule_all(names, kernel, torch_same_dtype, ref64) -> None:
+    """``within_rule`` for each named output (e.g. y and the gradients); None (a gradient not
+    computed, e.g. of a missing bias) on the reference side must be None on the kernel's too."""
+    for name, k, t, r in zip(names, kernel, torch_same_dtype, ref64, strict=True):
+        if r is None:
+            assert k is None, f"{name}: a gradient where the reference has none"
+            continue
+        assert k.dtype == t.dtype, f"{name}: dtype {k.dtype} != {t.dtype}"
+        within_rule(k, t, r, name)

@@ -186,7 +186,7 @@ def test_launcher_configs_and_zero_variance_rows():
                                     projection_bias=kw["projection_bias"], config=Config(16, 16, 4))
     expected = ops.embedding(*args, projection_weight=kw["projection_weight"], projection_bias=kw["projection_bias"],
                              eps=1e-12, backend="torch")
-    within_rule(out.view(expected.shape), expected, expected.double(), "out", ulps=64)
+    within_rule(out.view(expected.shape), expected, expected.double(), "out")
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     grads = embedding_bwd(dout, *args, mean, rstd, projection_weight=kw["projection_weight"],
                           projection_bias=kw["projection_bias"], configs=(Config(16, 16, 4), Config(16, 16, 4)))
