@@ -10,7 +10,7 @@ import platform
 import torch
 
 import bertfast
-from bertfast.ops import ALL_OPS
+from bertfast.ops import ALL_OPS, compiled
 from bertfast.ops.dispatch import BACKEND_NAMES, ENV_VAR, requested_backends
 
 _PACKAGES = ("torch", "triton", "transformers", "numpy", "tokenizers", "safetensors", "tqdm")
@@ -25,14 +25,6 @@ def _version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _compiled_status(module: str) -> str:
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        return f"not built ({e})"
-    return "built"
 
 
 def _devices() -> list[dict]:
@@ -68,7 +60,7 @@ def collect() -> dict:
         "python": platform.python_version(),
         "packages": {p: _version(p) for p in _PACKAGES},
         "devices": _devices(),
-        "compiled": {m: _compiled_status(m) for m in _COMPILED},
+        "compiled": {m: compiled.status(m.split(".")[1]) for m in _COMPILED},
         "backend_request": {"env": os.environ.get(ENV_VAR), "effective": list(requested_backends())},
         "ops_checked_for": f"{device}, {str(facts['dtype']).replace('torch.', '')}",
         "ops": ops,

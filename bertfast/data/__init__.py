@@ -1,0 +1,1 @@
+"""The pretraining data pipeline: masking, sentence pairs, packing, collators."""
