@@ -88,6 +88,7 @@ class NinjaBuildExt(build_ext):
         cflags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
         lines = [
             "ninja_required_version = 1.3",
+            f"builddir = {_escape(os.path.abspath(self.build_temp))}",  # .ninja_log/.ninja_deps live there
             f"cxx = {cxx}",
             f"cflags = {' '.join(cflags)} {' '.join('-I' + shlex.quote(i) for i in includes)}",
             "rule cxx",
