@@ -93,6 +93,11 @@ def op_inputs(op: str) -> dict:
         return dict(hidden=randn(B, T, HID), labels=labels, input_ids=torch.randint(0, V, (B, T), generator=g),
                     dense_weight=randn(E, HID), dense_bias=randn(E), norm_weight=randn(E), norm_bias=randn(E),
                     decoder_weight=randn(V, E), decoder_bias=randn(V), attention_mask=mask)
+    if op == "mask_tokens":
+        ids = torch.randint(3, V, (B, T), generator=g)
+        ids[1, 3:] = 0
+        return dict(input_ids=ids, row_keys=torch.tensor([5, 2**32 - 1]), seed=0, vocab_size=V, mask_token_id=2,
+                    special_token_ids=(0, 1, 2), word_ids=torch.arange(T, dtype=torch.int32).repeat(B, 1) // 2)
     raise KeyError(op)
 
 
@@ -114,7 +119,7 @@ def with_arg(op: str, **changes) -> dict:
 
 def test_every_op_is_covered():
     assert set(OPS) == {"attention", "layer_norm", "bias_gelu", "linear_gelu", "embedding", "mlm_loss", "sentence_pair_loss",
-                        "rtd_loss", "sample_tokens", "generator_sample"}
+                        "rtd_loss", "sample_tokens", "generator_sample", "mask_tokens"}
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -228,6 +233,9 @@ SHAPE_CASES = [
     ("rtd_loss", "prediction_weight", torch.randn(2, HID)),
     ("sample_tokens", "logits", torch.randn(V)),
     ("sample_tokens", "logits", torch.randn(B, T, V)),
+    ("mask_tokens", "row_keys", torch.tensor([1, 2, 3])),
+    ("mask_tokens", "word_ids", torch.zeros(B, T + 1, dtype=torch.int32)),
+    ("mask_tokens", "input_ids", torch.zeros(B * T, dtype=torch.long)),
 ]
 
 
@@ -256,6 +264,9 @@ VALUE_CASES = [
     ("sentence_pair_loss", "labels", torch.tensor([-1, 0])),
     ("rtd_loss", "labels", _ids_with(2)),
     ("rtd_loss", "labels", _ids_with(-1)),
+    ("mask_tokens", "input_ids", _ids_with(V)),
+    ("mask_tokens", "input_ids", _ids_with(-1)),
+    ("mask_tokens", "row_keys", torch.tensor([0, 2**32])),
 ]
 
 

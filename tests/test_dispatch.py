@@ -51,6 +51,8 @@ CALLS = {
     "rtd_loss": lambda **kw: ops.rtd_loss(_rand(1, 3, 4), _rand(4, 4), _rand(4), _rand(1, 4), _rand(1),
                                           torch.tensor([[0, 1, 0]]), torch.tensor([[True, True, False]]), **kw),
     "sample_tokens": lambda **kw: ops.sample_tokens(_rand(3, 7), seed=0, **kw),
+    "mask_tokens": lambda **kw: ops.mask_tokens(torch.tensor([[1, 6, 0]]), torch.tensor([7]), 0, vocab_size=7,
+                                                mask_token_id=2, special_token_ids=(0, 1), **kw),
     "generator_sample": lambda **kw: ops.generator_sample(_rand(1, 3, 4), torch.tensor([[1, -100, 2]]),
                                                           torch.tensor([[5, 6, 0]]), _rand(4, 4), _rand(4),
                                                           torch.ones(4), torch.zeros(4), _rand(7, 4), _rand(7),

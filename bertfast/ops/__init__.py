@@ -13,18 +13,19 @@ from bertfast.ops.embedding import embedding
 from bertfast.ops.generator_sample import generator_sample
 from bertfast.ops.layer_norm import layer_norm
 from bertfast.ops.linear_gelu import linear_gelu
+from bertfast.ops.mask_tokens import mask_tokens
 from bertfast.ops.mlm_loss import mlm_loss
 from bertfast.ops.rtd_loss import rtd_loss
 from bertfast.ops.sample_tokens import sample_tokens
 from bertfast.ops.sentence_pair_loss import sentence_pair_loss
 
 _OP_MODULES = ("attention", "layer_norm", "bias_gelu", "linear_gelu", "embedding", "mlm_loss", "sentence_pair_loss",
-               "rtd_loss", "sample_tokens", "generator_sample")
+               "rtd_loss", "sample_tokens", "generator_sample", "mask_tokens")
 # name -> dispatch.Op, for `bertfast info` and the tests that walk every op. (The functions above
 # shadow their modules' names in this package, hence sys.modules.)
 ALL_OPS = {name: sys.modules[f"bertfast.ops.{name}"].OP for name in _OP_MODULES}
 
 __all__ = [
     "attention", "layer_norm", "bias_gelu", "linear_gelu", "embedding", "mlm_loss", "sentence_pair_loss", "rtd_loss",
-    "sample_tokens", "generator_sample", "use_backend", "record_backends", "BackendUnavailableError", "ALL_OPS",
+    "sample_tokens", "generator_sample", "mask_tokens", "use_backend", "record_backends", "BackendUnavailableError", "ALL_OPS",
 ]
