@@ -8,11 +8,13 @@ namespace bertfast {
 void bind_masking(py::module_& m);
 void bind_sentence_pairs(py::module_& m);
 void bind_packing(py::module_& m);
+void bind_collate(py::module_& m);
 }  // namespace bertfast
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "bertfast C++ CPU kernels of the data pipeline (masking, sentence pairs, packing)";
+  m.doc() = "bertfast C++ CPU kernels of the data pipeline (collation, masking, sentence pairs, packing)";
   bertfast::bind_masking(m);
   bertfast::bind_sentence_pairs(m);
   bertfast::bind_packing(m);
+  bertfast::bind_collate(m);
 }
