@@ -38,23 +38,13 @@ import numpy as np
 import torch
 
 from bertfast.ops import compiled
+from bertfast.ops.rng import mix32_int
+from bertfast.ops.rng import mix32_numpy as mix32
 from bertfast.ops.mask_tokens import (ACTION, IGNORE_INDEX, NGRAM, ORDER, RANDOM_TOKEN, as_int, mask_tokens_torch,
-                                      mix32_int, ngram_cdf, special_table, validate)
+                                      ngram_cdf, special_table, validate)
 
 _NAME = "bertfast.data.mask_tokens"
 _U32 = 0xFFFFFFFF
-
-
-def mix32(x: np.ndarray) -> np.ndarray:
-    """lowbias32 on a uint32 array (numpy's uint32 products wrap modulo 2^32, as C's do)."""
-    x = np.asarray(x, dtype=np.uint32)
-    shape = x.shape
-    x = x.reshape(-1)  # arrays, not numpy scalars: scalar products warn when they wrap
-    x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(0x7FEB352D)
-    x = x ^ (x >> np.uint32(15))
-    x = x * np.uint32(0x846CA68B)
-    return (x ^ (x >> np.uint32(16))).reshape(shape)
 
 
 def _u32(name: str, arg: str, value) -> int:

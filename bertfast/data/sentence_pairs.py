@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from bertfast.ops import compiled
+from bertfast.ops.rng import mix32_int, mix32_numpy
 
 _M32 = 0xFFFFFFFF
 _HALF = 1 << 23  # coin(0.5)
@@ -157,26 +158,9 @@ class Documents:
 # ----------------------------------------------------------------------------------------------
 # The random draws (plain Python ints: bit for bit csrc/common/rng.h)
 
-def _mix32(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def _mix32_np(x: np.ndarray) -> np.ndarray:
-    """mix32 on uint32 arrays (numpy's uint32 products wrap modulo 2^32)."""
-    x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(0x7FEB352D)
-    x = x ^ (x >> np.uint32(15))
-    x = x * np.uint32(0x846CA68B)
-    return x ^ (x >> np.uint32(16))
-
-
 def document_key(seed: int, epoch: int, document: int) -> int:
     """key_d = stream_key(seed32, mix32(epoch32) ^ d) = mix32(mix32(seed32) ^ mix32(epoch32) ^ d)."""
-    return _mix32(_mix32(seed & _M32) ^ _mix32(epoch & _M32) ^ (document & _M32))
+    return mix32_int(mix32_int(seed & _M32) ^ mix32_int(epoch & _M32) ^ (document & _M32))
 
 
 class _Draws:
@@ -188,7 +172,7 @@ class _Draws:
         self.key, self.k = key, 0
 
     def bits(self) -> int:
-        b = _mix32(_mix32(self.key ^ (self.k & _M32)))
+        b = mix32_int(mix32_int(self.key ^ (self.k & _M32)))
         self.k += 1
         return b
 
@@ -210,7 +194,7 @@ class _Draws:
         gap = abs(la - lb)
         trims_a = np.where(step < gap, la >= lb, (step - gap) % 2 == 0)
         k = ((self.k + step) & _M32).astype(np.uint32)
-        front = (_mix32_np(_mix32_np(np.uint32(self.key) ^ k)) >> np.uint32(8)) < _HALF
+        front = (mix32_numpy(mix32_numpy(np.uint32(self.key) ^ k)) >> np.uint32(8)) < _HALF
         self.k += excess
         a_front = int(np.count_nonzero(trims_a & front))
         a_back = int(np.count_nonzero(trims_a & ~front))

@@ -64,16 +64,6 @@ def ngram_cdf(max_ngram: int) -> tuple[int, ...]:
     return tuple(cdf)
 
 
-def mix32_int(x: int) -> int:
-    """lowbias32 on a Python int (csrc/common/rng.h's mix32)."""
-    x &= _U32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _U32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _U32
-    return x ^ (x >> 16)
-
-
 def as_int(name: str, arg: str, value, low: int, high: int) -> int:
     """``value`` as an int in [low, high); bools, floats and tensors are refused."""
     if isinstance(value, (bool, torch.Tensor)) or not hasattr(value, "__index__"):
@@ -236,7 +226,7 @@ def mask_tokens_torch(input_ids, row_keys, word_ids, special, seed, vocab_size, 
     """Vectorised spec on any device. special: (vocab_size,) uint8 table on the ids' device."""
     B, T = input_ids.shape
     device = input_ids.device
-    seed_mix = mix32_int(seed)
+    seed_mix = rng.mix32_int(seed)
     if seed_mix >= 1 << 31:
         seed_mix -= 1 << 32  # the same 32 bits as an int32
     keys = rng.mix32(_int32_bits(row_keys) ^ seed_mix)  # (B,) stream_key(seed, row_key)

@@ -9,7 +9,32 @@ Computed on int32 tensors holding the uint32 patterns (about 14x faster on a CPU
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+_U32 = 0xFFFFFFFF
+
+
+def mix32_int(x: int) -> int:
+    """lowbias32 on a Python int (csrc/common/rng.h's mix32), for keys computed once per call."""
+    x &= _U32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _U32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _U32
+    return x ^ (x >> 16)
+
+
+def mix32_numpy(x) -> np.ndarray:
+    """lowbias32 on a uint32 numpy array (uint32 products wrap modulo 2^32, as C's do)."""
+    x = np.asarray(x, dtype=np.uint32)
+    shape = x.shape
+    x = x.reshape(-1)  # arrays, not numpy scalars: scalar products warn when they wrap
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return (x ^ (x >> np.uint32(16))).reshape(shape)
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
