@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bertfast.ops import checks, rng, triton_support
+from bertfast.ops import checks, cuda_support, rng, triton_support
 from bertfast.ops.dispatch import Op
 
 OP = Op("layer_norm")
@@ -26,6 +26,8 @@ OP = Op("layer_norm")
 # The widest row the Triton kernels take (bertfast.kernels.layer_norm.MAX_N; rows past 8192 are
 # walked in chunks).
 TRITON_MAX_HIDDEN = 65536
+# The widest row the CUDA kernels take (rows live in registers; csrc/cuda/layer_norm.h kLayerNormMaxN).
+CUDA_MAX_HIDDEN = 8192
 
 
 def layer_norm(
@@ -262,5 +264,146 @@ def layer_norm_triton_backward(dy, x, weight, residual, seed, mean, rstd, dropou
     return layer_norm_bwd(dy, x, weight, mean, rstd, residual, dropout_p, seed, need_dw=need_dw, need_db=need_db)
 
 
+# ------------------------------------------------------------------------------------------------
+# cuda backend: csrc/cuda/layer_norm.cu through bertfast._cuda (raw pointers + the current stream)
+
+
+def _cuda_refusal(facts) -> str | None:
+    reason = cuda_support.refusal(facts)
+    if reason is not None:
+        return reason
+    if facts["param_dtype"] not in (None, *cuda_support.KERNEL_DTYPES):
+        return f"weight and bias must be float16, bfloat16 or float32 (got {facts['param_dtype']})"
+    if facts["hidden"] > CUDA_MAX_HIDDEN:
+        return (f"the normalized dim must be at most {CUDA_MAX_HIDDEN} (got {facts['hidden']}; "
+                f"the triton backend takes wider rows)")
+    if facts["rows"] >= 2**31:
+        return f"at most 2^31 - 1 rows (got {facts['rows']})"
+    return None
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _cuda_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(rows, n) view with a unit column stride, any row stride (a copy only when strides force one)."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 or n == 1 else t2.contiguous()
+
+
+def _cuda_check(x, weight, bias, residual, seed, dropout_p) -> torch.Tensor | None:
+    """Validates what the kernels read (the op checked it already; direct calls are checked here) and
+    returns the seed on x's device when there is dropout, else None."""
+    name = OP.name
+    checks.tensor(name, "x", x, kind="float")
+    if x.device.type != "cuda":
+        raise ValueError(f"{name}: the cuda backend needs `x` on a CUDA device, got {x.device}")
+    if x.dtype not in cuda_support.KERNEL_DTYPES:
+        raise TypeError(f"{name}: the cuda backend takes `x` in float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() == 0 or not 1 <= x.shape[-1] <= CUDA_MAX_HIDDEN:
+        raise ValueError(f"{name}: the cuda backend takes `x` with a last dim in [1, {CUDA_MAX_HIDDEN}], "
+                         f"got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    if x.numel() // n >= 2**31:
+        raise ValueError(f"{name}: the cuda backend takes at most 2^31 - 1 rows of `x`, got {x.numel() // n}")
+    for arg, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            checks.tensor(name, arg, p, ndim=1, kind="float")
+            checks.shape(name, arg, p, (n,), "(x.shape[-1],)")
+            checks.same_device(name, arg, p, "x", x)
+    if residual is not None:
+        checks.tensor(name, "residual", residual, kind="float")
+        checks.shape(name, "residual", residual, tuple(x.shape), "the shape of x")
+        checks.same_dtype(name, "residual", residual, "x", x)
+        checks.same_device(name, "residual", residual, "x", x)
+    checks.probability(name, "dropout_p", dropout_p)
+    if dropout_p == 0.0:
+        return None
+    if not isinstance(seed, torch.Tensor) or seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError(f"{name}: dropout needs `seed` as an int64 tensor of one element, got {seed!r}")
+    return seed.reshape(1).to(x.device)
+
+
+def _cuda_params(weight, bias, dtype):
+    """(weight, bias, dtype code) as the kernels read them: contiguous, in x's dtype or float32 (a
+    float32 copy of any other dtype, e.g. float64 parameters of a float32 x)."""
+    param = weight if weight is not None else bias
+    if param is None:
+        return None, None, cuda_support.DTYPE_CODES[dtype]
+    pdtype = param.dtype if param.dtype in (dtype, torch.float32) else torch.float32
+    weight, bias = (None if p is None else p.to(pdtype).contiguous() for p in (weight, bias))
+    return weight, bias, cuda_support.DTYPE_CODES[pdtype]
+
+
+@OP.register("cuda", refuse=_cuda_refusal)
+def layer_norm_cuda(x, weight, bias, eps, residual, dropout_p, seed, need_stats=True):
+    """The CUDA kernels: x, residual (..., N) with N <= CUDA_MAX_HIDDEN, any strides (rows are read in
+    place when the last dim is unit-stride); weight, bias (N,) or None. Returns y (x's shape and dtype,
+    contiguous), mean and rstd ((rows,) float32), as the triton backend does."""
+    seed = _cuda_check(x, weight, bias, residual, seed, dropout_p)
+    if not float(eps) > 0:
+        raise ValueError(f"{OP.name}: `eps` must be positive, got {eps}")
+    n = x.shape[-1]
+    x2 = _cuda_rows(x, n)  # (rows, N)
+    rows = x2.shape[0]
+    r2 = None if residual is None else _cuda_rows(residual, n)
+    w, b, param_code = _cuda_params(weight, bias, x.dtype)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return y, mean, rstd
+    with torch.cuda.device(x.device):
+        cuda_support.module().layer_norm_forward(
+            x2.data_ptr(), _ptr(r2), _ptr(w), _ptr(b), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(seed),
+            rows, n, x2.stride(0), 0 if r2 is None else r2.stride(0), cuda_support.DTYPE_CODES[x.dtype], param_code,
+            float(eps), rng.dropout_threshold(dropout_p) if seed is not None else 0,
+            1.0 / (1.0 - dropout_p), cuda_support.stream(x.device))
+    return y, mean, rstd
+
+
+def layer_norm_cuda_backward(dy, x, weight, residual, seed, mean, rstd, dropout_p, need_dw, need_db):
+    """Gradients of ``layer_norm_cuda``: (dx, dr or None when dr = dx, dw or None, db or None); dw, db
+    (N,) float32, the column sums of the kernel's per-block partial sums (a (blocks, N) buffer)."""
+    name = OP.name
+    seed = _cuda_check(x, weight, None, residual, seed, dropout_p)
+    n = x.shape[-1]
+    checks.tensor(name, "dy", dy, kind="float")
+    checks.shape(name, "dy", dy, tuple(x.shape), "the shape of x")
+    checks.same_device(name, "dy", dy, "x", x)
+    x2 = _cuda_rows(x, n)  # (rows, N)
+    rows = x2.shape[0]
+    for arg, t in (("mean", mean), ("rstd", rstd)):
+        checks.tensor(name, arg, t, ndim=1, kind="float")
+        checks.shape(name, arg, t, (rows,), "(rows,)")
+        checks.same_device(name, arg, t, "x", x)
+    mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+    dy2 = _cuda_rows(dy.to(x.dtype), n)
+    r2 = None if residual is None else _cuda_rows(residual, n)
+    need_dw = need_dw and weight is not None
+    w, _, param_code = _cuda_params(weight, None, x.dtype)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dr = torch.empty(x.shape, dtype=x.dtype, device=x.device) if _separate_dr(residual, dropout_p) else None
+    if rows == 0:
+        zeros = lambda: x.new_zeros((n,), dtype=torch.float32)  # noqa: E731
+        return dx, dr, zeros() if need_dw else None, zeros() if need_db else None
+    # The kernel launches at most one block per 1-8 rows and at most 8 resident blocks per SM.
+    part_rows = min(rows, 8 * torch.cuda.get_device_properties(x.device).multi_processor_count)
+    dw_part = torch.empty((part_rows, n), dtype=torch.float32, device=x.device) if need_dw else None
+    db_part = torch.empty((part_rows, n), dtype=torch.float32, device=x.device) if need_db else None
+    with torch.cuda.device(x.device):
+        blocks = cuda_support.module().layer_norm_backward(
+            dy2.data_ptr(), x2.data_ptr(), _ptr(r2), _ptr(w), mean.data_ptr(), rstd.data_ptr(), _ptr(seed),
+            dx.data_ptr(), _ptr(dr), _ptr(dw_part), _ptr(db_part), part_rows, rows, n, dy2.stride(0), x2.stride(0),
+            0 if r2 is None else r2.stride(0), cuda_support.DTYPE_CODES[x.dtype], param_code,
+            rng.dropout_threshold(dropout_p) if seed is not None else 0, 1.0 / (1.0 - dropout_p),
+            cuda_support.stream(x.device))
+    dw = dw_part[:blocks].sum(0) if need_dw else None
+    db = db_part[:blocks].sum(0) if need_db else None
+    return dx, dr, dw, db
+
+
 # Each backend's backward, beside its forward registered in OP.
-_BACKWARD = {"torch": layer_norm_torch_backward, "triton": layer_norm_triton_backward}
+_BACKWARD = {"torch": layer_norm_torch_backward, "triton": layer_norm_triton_backward,
+             "cuda": layer_norm_cuda_backward}
