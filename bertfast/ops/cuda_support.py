@@ -23,14 +23,23 @@ def module():
     return compiled.load("_cuda")[0]
 
 
-def refusal(facts: Mapping[str, object]) -> str | None:
-    """Why no CUDA kernel can run a call with these facts ("device", "dtype"), or None."""
+# compiled.load imports through importlib, which Dynamo does not trace: while torch.compile traces
+# an op, the answer is taken as a constant (it cannot change within a process).
+@torch.compiler.assume_constant_result
+def _unavailable() -> str:
+    """Why bertfast._cuda cannot be used ("" when it can)."""
+    return compiled.load("_cuda")[1] or ""
+
+
+def refusal(facts: Mapping[str, object], dtypes: tuple[torch.dtype, ...] | None = KERNEL_DTYPES) -> str | None:
+    """Why no CUDA kernel can run a call with these facts ("device", "dtype"), or None.
+    ``dtypes=None``: the op takes integer tensors and has checked their dtype itself."""
     if facts["device"] != "cuda":
         return f"needs CUDA tensors (got {facts['device']})"
-    mod, why = compiled.load("_cuda")
-    if mod is None:
+    why = _unavailable()
+    if why:
         return why
-    if facts["dtype"] not in KERNEL_DTYPES:
+    if dtypes is not None and facts["dtype"] not in dtypes:
         return f"float16, bfloat16 or float32 only (got {facts['dtype']})"
     return None
 

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from bertfast.ops import checks, compiled, cuda_support, rng
+from bertfast.ops import checks, cuda_support, rng
 from bertfast.ops.dispatch import Op
 
 OP = Op("mask_tokens")
@@ -258,19 +258,7 @@ def mask_tokens_torch(input_ids, row_keys, word_ids, special, seed, vocab_size, 
 # torch.compile trace past the raw-pointer call).
 
 
-def _cuda_refusal(facts) -> str | None:
-    """Integer ids, so not cuda_support.refusal's float dtypes: the op has validated the dtype."""
-    if facts["device"] != "cuda":
-        return f"needs CUDA tensors (got {facts['device']})"
-    mod, why = compiled.load("_cuda")
-    if mod is None:
-        return why
-    if not hasattr(mod, "mask_tokens"):
-        return "bertfast._cuda was built without mask_tokens (rebuild it)"
-    return None
-
-
-@OP.register("cuda", refuse=_cuda_refusal)
+@OP.register("cuda", refuse=lambda facts: cuda_support.refusal(facts, dtypes=None))  # ids: dtype checked above
 def mask_tokens_cuda(input_ids, row_keys, word_ids, special, seed, vocab_size, mask_token_id, select_threshold,
                      mask_threshold, random_threshold):
     return mask_tokens_cuda_op(input_ids, row_keys, word_ids, special, seed, vocab_size, mask_token_id,

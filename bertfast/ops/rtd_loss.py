@@ -7,18 +7,21 @@
 ``replaced`` is 1 where the generator's sample differs from the original token. Padding tokens
 (``attention_mask`` False) count in neither the sum nor the mean.
 
-The torch backend runs as plain autograd. The kernels (``bertfast.kernels.rtd_loss``) take over after
-the dense GEMM: ``F.linear(hidden, W_dense)`` stays under autograd (cuBLAS forward and backward), and
-the rest of the head is the ``torch.library`` custom op ``bertfast::rtd_head_forward`` with its
-backward ``bertfast::rtd_head_backward`` and fake implementations, so ``torch.compile`` traces through.
+The torch backend runs as plain autograd. The kernels (triton: ``bertfast.kernels.rtd_loss``; cuda:
+``csrc/cuda/rtd_loss.cu``, with the same inputs and outputs) take over after the dense GEMM:
+``F.linear(hidden, W_dense)`` stays under autograd (cuBLAS forward and backward), and the rest of the
+head is the ``torch.library`` custom op ``bertfast::rtd_head_forward`` with its backward
+``bertfast::rtd_head_backward`` and fake implementations, so ``torch.compile`` traces through.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from bertfast.ops import checks, triton_support
+from bertfast.ops import checks, compiled, cuda_support, triton_support
 from bertfast.ops.dispatch import Op
 
 OP = Op("rtd_loss")
@@ -86,7 +89,7 @@ def rtd_loss(
     # float64); the kernels do too.
     autocast = torch.is_autocast_enabled(device) and hidden.dtype != torch.float64
     compute = torch.get_autocast_dtype(device) if autocast else hidden.dtype
-    facts = {"device": device, "dtype": compute}
+    facts = {"device": device, "dtype": compute, "inner": inner}
     chosen = OP.select(backend, facts)
     if autocast and chosen.name != "torch":
         # The kernels take one dtype: cast as F.linear would (autograd casts the gradients back).
@@ -216,5 +219,149 @@ def _triton_head_backward(dlogits, dloss, z, dense_bias, prediction_weight, rho,
     return rtd_head_bwd(dlogits, dloss, z, dense_bias, prediction_weight, rho, count, approximate)
 
 
+# ------------------------------------------------------------------------------------------------
+# cuda backend: csrc/cuda/rtd_loss.cu (same math, inputs and outputs as the Triton kernels)
+
+_CUDA = "rtd_loss (cuda)"
+
+
+def cuda_max_inner(dtype: torch.dtype) -> int:
+    """The widest inner size the kernels take: the backward's grid has at most 65535 column chunks of
+    32 lanes x 16 bytes (``_cuda.rtd_max_inner``, restated here so that dispatch under torch.compile
+    calls no compiled function)."""
+    return 65535 * 32 * (16 // dtype.itemsize)
+
+
+def _cuda_refusal(facts):
+    why = cuda_support.refusal(facts)
+    if why is not None:
+        return why
+    inner, limit = facts.get("inner"), cuda_max_inner(facts["dtype"])
+    if inner is not None and inner > limit:
+        return f"inner size (rows of dense_weight) at most {limit} in {facts['dtype']}, got {inner}"
+    return None
+
+
+@OP.register("cuda", refuse=_cuda_refusal)
+def rtd_loss_cuda(hidden, dense_weight, dense_bias, prediction_weight, prediction_bias, labels, attention_mask,
+                  approximate):
+    """The dense GEMM under autograd (cuBLAS), then the CUDA head kernels through the custom op."""
+    z = F.linear(hidden, dense_weight)  # (B, T, inner); its bias goes into the fused kernel
+    logits, loss, _, _ = rtd_head_forward(z, dense_bias, prediction_weight, prediction_bias, labels, attention_mask,
+                                          approximate, "cuda")
+    return logits, (loss if labels is not None else None)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _cuda_z(z: torch.Tensor):
+    """(the module, z as (rows, inner) with a unit column stride (copied only if needed), rows, inner)."""
+    if not isinstance(z, torch.Tensor) or z.dim() < 1:
+        raise ValueError(f"{_CUDA}: `z` must be a tensor (..., inner)")
+    if z.device.type != "cuda":
+        raise ValueError(f"{_CUDA}: `z` must be a CUDA tensor, got {z.device}")
+    if z.dtype not in cuda_support.DTYPE_CODES:
+        raise TypeError(f"{_CUDA}: `z` must be float16, bfloat16 or float32, got {z.dtype}")
+    module, why = compiled.load("_cuda")
+    if module is None:
+        raise RuntimeError(f"{_CUDA}: {why}")
+    inner = z.shape[-1]
+    rows = math.prod(z.shape[:-1])
+    if inner > cuda_max_inner(z.dtype):
+        raise ValueError(f"{_CUDA}: `z` has {inner} columns, more than the kernels take ({cuda_max_inner(z.dtype)})")
+    z2 = z.reshape(rows, inner)
+    if inner > 1 and z2.stride(1) != 1:
+        z2 = z2.contiguous()
+    return module, z2, rows, inner
+
+
+def _cuda_vector(name: str, t: torch.Tensor | None, z: torch.Tensor, n: int) -> torch.Tensor | None:
+    """A parameter as a contiguous (n,) vector; the kernels read it in z's dtype."""
+    if t is None:
+        return None
+    if t.device != z.device:
+        raise ValueError(f"{_CUDA}: `{name}` is on {t.device} but `z` is on {z.device}")
+    if t.dtype != z.dtype:
+        raise TypeError(f"{_CUDA}: `{name}` has dtype {t.dtype} but `z` has {z.dtype}; the kernels take one dtype")
+    if t.numel() != n:
+        raise ValueError(f"{_CUDA}: `{name}` must hold {n} values, got shape {tuple(t.shape)}")
+    return t.reshape(n).contiguous()
+
+
+def _cuda_per_row(name: str, t: torch.Tensor, z: torch.Tensor, rows: int, dtypes) -> torch.Tensor:
+    """labels / attention_mask / dlogits as a contiguous (rows,) tensor (a copy only for strided input,
+    e.g. a gradient expanded from a scalar)."""
+    if t.device != z.device:
+        raise ValueError(f"{_CUDA}: `{name}` is on {t.device} but `z` is on {z.device}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{_CUDA}: `{name}` has dtype {t.dtype}, expected one of {dtypes}")
+    if t.numel() != rows:
+        raise ValueError(f"{_CUDA}: `{name}` must hold one value per row of `z` ({rows}), got shape {tuple(t.shape)}")
+    return t.reshape(rows).contiguous()
+
+
+_LABEL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _cuda_head(z, dense_bias, prediction_weight, prediction_bias, labels, attention_mask, approximate):
+    """``rtd_head_fwd``'s contract (kernels/rtd_loss.py) on csrc/cuda/rtd_loss.cu: (logits (B, T) in z's
+    dtype, loss () float32, count () float32 clamped to >= 1, rho (B * T,) float32 or empty)."""
+    module, z2, rows, inner = _cuda_z(z)
+    w = _cuda_vector("prediction_weight", prediction_weight, z, inner)
+    b = _cuda_vector("dense_bias", dense_bias, z, inner)
+    pb = _cuda_vector("prediction_bias", prediction_bias, z, 1)
+    dev, f32 = z.device, torch.float32
+    has_labels = labels is not None
+    y = _cuda_per_row("labels", labels, z, rows, _LABEL_DTYPES) if has_labels else None
+    m = (_cuda_per_row("attention_mask", attention_mask, z, rows, (torch.bool,))
+         if has_labels and attention_mask is not None else None)
+    logits = torch.empty(z.shape[:-1], dtype=z.dtype, device=dev)
+    rho = torch.empty(rows if has_labels else 0, dtype=f32, device=dev)
+    blocks = module.rtd_forward_blocks(rows) if has_labels else 0
+    loss_part = torch.empty(blocks, dtype=torch.float64, device=dev)  # float64 sums (see the .cu file)
+    count_part = torch.empty(blocks, dtype=f32, device=dev)
+    with torch.cuda.device(dev):
+        module.rtd_forward(z2.data_ptr(), _ptr(b), _ptr(w), _ptr(pb), _ptr(y), 0 if y is None else y.element_size(),
+                           _ptr(m), logits.data_ptr(), _ptr(rho), _ptr(loss_part), _ptr(count_part), rows, inner,
+                           z2.stride(0), cuda_support.DTYPE_CODES[z.dtype], approximate == "tanh",
+                           cuda_support.stream(dev))
+    if not has_labels:
+        zero = torch.zeros((), dtype=f32, device=dev)
+        return logits, zero, zero.clone(), rho
+    # max(count, 1): a batch of only padding has loss 0 (its partial sums are 0), not 0/0
+    count = count_part.sum().clamp(min=1.0)
+    return logits, (loss_part.sum() / count.double()).to(f32), count, rho
+
+
+def _cuda_head_backward(dlogits, dloss, z, dense_bias, prediction_weight, rho, count, approximate):
+    """``rtd_head_bwd``'s contract: (dz like z, d_dense_bias (inner,), d_prediction_weight (1, inner),
+    d_prediction_bias (1,)), the last three float32, summed from the kernel's per-group partials."""
+    module, z2, rows, inner = _cuda_z(z)
+    w = _cuda_vector("prediction_weight", prediction_weight, z, inner)
+    b = _cuda_vector("dense_bias", dense_bias, z, inner)
+    dev, f32 = z.device, torch.float32
+    has_dloss = dloss is not None and rho.numel() > 0
+    if has_dloss:
+        rho = _cuda_per_row("rho", rho, z, rows, (f32,))
+        coef = (dloss.to(f32) / count).reshape(1).contiguous()  # a tensor: read on the device, no sync
+    else:
+        rho = coef = None
+    # autograd hands the logits' gradient in their dtype (z's); cast anyway, as the kernel reads z's
+    dl = None if dlogits is None else _cuda_per_row("dlogits", dlogits.to(z.dtype), z, rows, (z.dtype,))
+    per_group, groups = module.rtd_backward_groups(rows)
+    dz = torch.empty((rows, inner), dtype=z.dtype, device=dev)
+    dw_part = torch.empty((groups, inner), dtype=f32, device=dev)
+    db_part = torch.empty_like(dw_part)
+    dbp_part = torch.empty(groups, dtype=torch.float64, device=dev)  # float64 sums (see the .cu file)
+    with torch.cuda.device(dev):
+        module.rtd_backward(z2.data_ptr(), _ptr(b), _ptr(w), _ptr(dl), _ptr(rho), _ptr(coef), dz.data_ptr(),
+                            dw_part.data_ptr(), db_part.data_ptr(), dbp_part.data_ptr(), rows, inner, z2.stride(0),
+                            inner, per_group, cuda_support.DTYPE_CODES[z.dtype], approximate == "tanh",
+                            cuda_support.stream(dev))
+    return dz.view(z.shape), db_part.sum(0), dw_part.sum(0).view(1, inner), dbp_part.sum().to(f32).reshape(1)
+
+
 # backend -> (forward, backward) of the head after the dense GEMM, run by the custom ops.
-_HEAD = {"triton": (_triton_head, _triton_head_backward)}
+_HEAD = {"triton": (_triton_head, _triton_head_backward), "cuda": (_cuda_head, _cuda_head_backward)}
