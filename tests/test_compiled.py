@@ -53,3 +53,34 @@ def test_info_reports_both_compiled_parts():
     assert set(report["compiled"]) == {"bertfast._C", "bertfast._cuda"}
     text = info.render(report)
     assert "bertfast._C" in text and "bertfast._cuda" in text
+
+
+def test_cuda_kernels_have_machine_code_for_sm80_and_sm90_and_do_not_spill():
+    """Every kernel of csrc/cuda/*.cu, for both architectures: no stack frame (spills), no local memory."""
+    from bertfast.kernel_report import cuobjdump_path
+
+    module, why = compiled.load("_cuda")
+    if module is None:
+        pytest.skip(why)
+    tool = cuobjdump_path()
+    if tool is None:
+        pytest.skip("cuobjdump not found (triton's package carries one)")
+    dump = subprocess.run([tool, "--dump-resource-usage", module.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    kernels: dict[str, set[str]] = {}
+    arch = source = function = None
+    for line in dump.splitlines():
+        line = line.strip()
+        if line.startswith("arch = "):
+            arch = line.split("= ")[1]
+        elif line.startswith("identifier = "):
+            source = line.split("= ")[1]
+        elif line.startswith("Function "):
+            function = line.removeprefix("Function ").rstrip(":")
+        elif line.startswith("REG:") and source and "/csrc/cuda/" in source:
+            usage = dict(field.split(":") for field in line.split() if ":" in field)
+            assert usage["STACK"] == "0" and usage["LOCAL"] == "0", f"{function} on {arch} spills: {line}"
+            kernels.setdefault(function, set()).add(arch)
+    assert len(kernels) > 50, f"found only {len(kernels)} kernels of csrc/cuda in the build"
+    missing = {k: a for k, a in kernels.items() if a != {"sm_80", "sm_90"}}
+    assert not missing, f"kernels without sm_80 + sm_90 machine code: {missing}"
