@@ -359,7 +359,7 @@ def layer_norm_cuda(x, weight, bias, eps, residual, dropout_p, seed, need_stats=
             x2.data_ptr(), _ptr(r2), _ptr(w), _ptr(b), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(seed),
             rows, n, x2.stride(0), 0 if r2 is None else r2.stride(0), cuda_support.DTYPE_CODES[x.dtype], param_code,
             float(eps), rng.dropout_threshold(dropout_p) if seed is not None else 0,
-            1.0 / (1.0 - dropout_p), cuda_support.stream(x.device))
+            rng.dropout_scale(dropout_p), cuda_support.stream(x.device))
     return y, mean, rstd
 
 
@@ -397,7 +397,7 @@ def layer_norm_cuda_backward(dy, x, weight, residual, seed, mean, rstd, dropout_
             dy2.data_ptr(), x2.data_ptr(), _ptr(r2), _ptr(w), mean.data_ptr(), rstd.data_ptr(), _ptr(seed),
             dx.data_ptr(), _ptr(dr), _ptr(dw_part), _ptr(db_part), part_rows, rows, n, dy2.stride(0), x2.stride(0),
             0 if r2 is None else r2.stride(0), cuda_support.DTYPE_CODES[x.dtype], param_code,
-            rng.dropout_threshold(dropout_p) if seed is not None else 0, 1.0 / (1.0 - dropout_p),
+            rng.dropout_threshold(dropout_p) if seed is not None else 0, rng.dropout_scale(dropout_p),
             cuda_support.stream(x.device))
     dw = dw_part[:blocks].sum(0) if need_dw else None
     db = db_part[:blocks].sum(0) if need_db else None

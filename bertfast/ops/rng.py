@@ -52,6 +52,11 @@ def dropout_threshold(dropout_p: float) -> int:
     return min(round(dropout_p * (1 << 24)), 1 << 24)
 
 
+def dropout_scale(dropout_p: float) -> float:
+    """1 / (1 - p) for the kept elements; 0 when everything drops."""
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+
+
 def seed_tensor(op: str, seed, device: torch.device) -> torch.Tensor:
     """The seed as an int64 tensor (1,) on ``device``. None draws one from torch's generator, so
     ``torch.manual_seed`` makes runs repeatable (and tracing under torch.compile works)."""
@@ -105,5 +110,5 @@ def dropout(x: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> torch.Tens
         return x
     n = x.shape[-1]
     keep = keep_mask(seed, 1, x.numel() // n, n, dropout_p).view(x.shape)
-    scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+    scale = dropout_scale(dropout_p)
     return x * keep.to(x.dtype) * scale
