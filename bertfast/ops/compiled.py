@@ -43,7 +43,7 @@ def status(name: str) -> str:
     """One line for `bertfast info`."""
     module, reason = load(name)
     if module is None:
-        return reason
+        return reason.removeprefix(f"bertfast.{name} ")  # the line already names the module
     if name == "_cuda":
         v = module.runtime_version()
         return f"built (CUDA runtime {v // 1000}.{v % 1000 // 10}, machine code for {module.compiled_archs()})"
