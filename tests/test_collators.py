@@ -187,3 +187,18 @@ def test_bad_input_gets_clear_errors():
         collator(probability=1.5)
     with pytest.raises(TypeError, match=r"examples\[0\]"):
         collator(native=False)([["a", "b"]])
+
+
+def test_padding_then_the_mask_tokens_op_draws_the_collators_mask():
+    """Masking moved out of the data loader (README): pad, then the op with the collator's row keys."""
+    from bertfast import ops
+    from bertfast.data.masking import dynamic_row_keys
+
+    ex = [e["input_ids"] for e in examples(n=12)]
+    c = collator(probability=0.3)
+    c(ex)  # call 0
+    expected = c(ex)  # call 1
+    ids, _ = pad_sequences(ex, pad_value=0)
+    masked, labels = ops.mask_tokens(ids, dynamic_row_keys(1, len(ex)), 7, vocab_size=VOCAB, mask_token_id=4,
+                                     special_token_ids=c.special_token_ids, probability=0.3, backend="torch")
+    assert torch.equal(masked, expected["input_ids"]) and torch.equal(labels, expected["labels"])
