@@ -1,5 +1,7 @@
 """Dynamic-masking collation on the CPU, side by side: ``transformers.DataCollatorForLanguageModeling``
-vs bertfast's ``MLMCollator`` (C++ ``_C`` on one thread and on every core, and its Python path).
+vs bertfast's ``MLMCollator`` (C++ ``_C`` with ``num_threads=1`` and with the default 0 = the kernels
+decide: they split rows over cores only past ~16k tokens per thread, so at this size both run one
+thread and differ by noise; and its Python path).
 
     python -m pytest benchmarks/test_collators.py --benchmark-only
 
