@@ -87,11 +87,7 @@ def static_row_keys(sequence_ids, duplicate: int = 0) -> torch.Tensor:
 def native_kernel():
     """(bertfast._C.mask_tokens, None) when built, else (None, why not)."""
     mod, why = compiled.load("_C")
-    if mod is None:
-        return None, why
-    if not hasattr(mod, "mask_tokens"):
-        return None, "bertfast._C was built without mask_tokens (rebuild it)"
-    return mod.mask_tokens, None
+    return (None, why) if mod is None else (mod.mask_tokens, None)
 
 
 def mask_tokens(
