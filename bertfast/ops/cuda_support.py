@@ -44,6 +44,12 @@ def refusal(facts: Mapping[str, object], dtypes: tuple[torch.dtype, ...] | None 
     return None
 
 
+def on_cuda(t: torch.Tensor) -> bool:
+    """Whether ``t`` is on a CUDA device (tests/test_cuda_emulated.py points this at CPU tensors to run
+    the kernels under its CUDA emulation)."""
+    return t.device.type == "cuda"
+
+
 def stream(device: torch.device) -> int:
     """The current CUDA stream of ``device`` as the integer handle the kernels launch on."""
     return torch.cuda.current_stream(device).cuda_stream

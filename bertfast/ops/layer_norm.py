@@ -297,7 +297,7 @@ def _cuda_check(x, weight, bias, residual, seed, dropout_p) -> torch.Tensor | No
     returns the seed on x's device when there is dropout, else None."""
     name = OP.name
     checks.tensor(name, "x", x, kind="float")
-    if x.device.type != "cuda":
+    if not cuda_support.on_cuda(x):
         raise ValueError(f"{name}: the cuda backend needs `x` on a CUDA device, got {x.device}")
     if x.dtype not in cuda_support.KERNEL_DTYPES:
         raise TypeError(f"{name}: the cuda backend takes `x` in float16, bfloat16 or float32, got {x.dtype}")

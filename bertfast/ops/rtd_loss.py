@@ -260,7 +260,7 @@ def _cuda_z(z: torch.Tensor):
     """(the module, z as (rows, inner) with a unit column stride (copied only if needed), rows, inner)."""
     if not isinstance(z, torch.Tensor) or z.dim() < 1:
         raise ValueError(f"{_CUDA}: `z` must be a tensor (..., inner)")
-    if z.device.type != "cuda":
+    if not cuda_support.on_cuda(z):
         raise ValueError(f"{_CUDA}: `z` must be a CUDA tensor, got {z.device}")
     if z.dtype not in cuda_support.DTYPE_CODES:
         raise TypeError(f"{_CUDA}: `z` must be float16, bfloat16 or float32, got {z.dtype}")

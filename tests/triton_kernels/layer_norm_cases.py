@@ -51,7 +51,9 @@ def compare(backend, x, w, b, r, **kwargs):
             continue
         assert k.dtype == t.dtype, f"{name}: dtype {k.dtype} != the torch backend's {t.dtype}"
         # The rule's budget is the torch backend's own error: make sure that is round-off (a
-        # mismatched dropout mask would make it O(1) and the rule toothless).
-        assert max_error(t, rf) <= 0.02 * rf.abs().max().item(), f"{name}: the torch backend itself is off"
+        # mismatched dropout mask would make it O(1) and the rule toothless). Element-wise outputs
+        # only: the column sums dw, db of torch's bfloat16 on a CPU are legitimately a few % off.
+        if name in ("y", "dx", "dresidual"):
+            assert max_error(t, rf) <= 0.02 * rf.abs().max().item(), f"{name}: the torch backend itself is off"
         within_rule(k, t, rf, name)
     return kernel
