@@ -206,12 +206,15 @@ setup(
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6.100",
+            "pybind11>=2.10",  # tests/test_cuda_emulated.py builds the CUDA kernels against the emulation
         ],
         "dev": [
             "transformers>=4.48",
             "pytest>=8",
             "pytest-benchmark>=4",
             "hypothesis>=6.100",
+            "pybind11>=2.10",
+            "ninja",
         ],
     },
     entry_points={"console_scripts": ["bertfast=bertfast.cli:main"]},
