@@ -49,6 +49,7 @@
 
 #include "common/rng.h"
 #include "cuda/common.h"
+#include "cuda/device.cuh"
 
 namespace bertfast {
 namespace {
@@ -66,31 +67,7 @@ constexpr int block_threads() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Conversions and memory access
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// 16 bytes of T: one 128-bit access.
-template <typename T>
-struct alignas(16) Pack16 {
-  T v[16 / sizeof(T)];
-};
+// Memory access (conversions and packs: device.cuh)
 
 // out = the VEC elements of `row` at col .. col+VEC-1 as float, 0 at and past n. vec: one or more
 // 16-byte loads (the caller guarantees alignment and n % VEC == 0, so a chunk is wholly in or out).
@@ -152,13 +129,6 @@ __device__ __forceinline__ void param_chunk(const void* p, bool p_float, int col
 
 // ---------------------------------------------------------------------------------------------
 // Reductions
-
-// Butterfly sum over the warp: every lane ends with the bitwise same total (a + b == b + a).
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 // Sums v[0..K) over the RT threads of one row group; every thread of the group gets the same totals.
 // scratch: the group's RT / 32 * K floats of shared memory. With RT > 32 it holds two

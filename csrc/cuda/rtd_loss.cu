@@ -33,6 +33,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "device.cuh"
 #include "rtd_loss.h"
 
 namespace bertfast {
@@ -47,28 +48,6 @@ constexpr float kSqrt1_2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
 constexpr float kKappa = 0.044715f;
-
-// Elements of T in 16 bytes: what one lane handles per step.
-template <typename T>
-constexpr int kElems = 16 / static_cast<int>(sizeof(T));
-
-template <typename T>
-struct alignas(16) Pack {
-  T v[kElems<T>];
-};
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // exp overflows to inf for x << 0: 1 / inf = 0, the right limit.
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -100,47 +79,41 @@ __device__ __forceinline__ void gelu_and_grad(float t, float& a, float& da) {
 
 __device__ __forceinline__ float softplus(float s) { return fmaxf(s, 0.0f) + log1pf(expf(-fabsf(s))); }
 
-// Butterfly sum: every lane ends with the same bits (each step adds the same two values).
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// The kElems<T> elements of row `p` from column `col`, as float32; 0 past `inner`. VEC: the launcher
-// checked inner % kElems == 0 and 16-byte alignment of p + col, so a lane's 16 bytes are all in the
+// The kPack<T> elements of row `p` from column `col`, as float32; 0 past `inner`. VEC: the launcher
+// checked inner % kPack == 0 and 16-byte alignment of p + col, so a lane's 16 bytes are all in the
 // row or all past it.
 template <typename T, bool VEC>
 __device__ __forceinline__ void load_elems(const T* __restrict__ p, int64_t col, int64_t inner,
-                                           float (&out)[kElems<T>]) {
+                                           float (&out)[kPack<T>]) {
   if constexpr (VEC) {
     if (col < inner) {
-      const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(p + col);
+      const Pack16<T> pack = *reinterpret_cast<const Pack16<T>*>(p + col);
 #pragma unroll
-      for (int i = 0; i < kElems<T>; ++i) out[i] = to_f32(pack.v[i]);
+      for (int i = 0; i < kPack<T>; ++i) out[i] = to_float(pack.v[i]);
     } else {
 #pragma unroll
-      for (int i = 0; i < kElems<T>; ++i) out[i] = 0.0f;
+      for (int i = 0; i < kPack<T>; ++i) out[i] = 0.0f;
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < kElems<T>; ++i) out[i] = col + i < inner ? to_f32(p[col + i]) : 0.0f;
+    for (int i = 0; i < kPack<T>; ++i) out[i] = col + i < inner ? to_float(p[col + i]) : 0.0f;
   }
 }
 
 template <typename T, bool VEC>
 __device__ __forceinline__ void store_elems(T* __restrict__ p, int64_t col, int64_t inner,
-                                            const float (&in)[kElems<T>]) {
+                                            const float (&in)[kPack<T>]) {
   if constexpr (VEC) {
     if (col < inner) {
-      Pack<T> pack;
+      Pack16<T> pack;
 #pragma unroll
-      for (int i = 0; i < kElems<T>; ++i) pack.v[i] = from_f32<T>(in[i]);
-      *reinterpret_cast<Pack<T>*>(p + col) = pack;
+      for (int i = 0; i < kPack<T>; ++i) pack.v[i] = from_float<T>(in[i]);
+      *reinterpret_cast<Pack16<T>*>(p + col) = pack;
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < kElems<T>; ++i) {
-      if (col + i < inner) p[col + i] = from_f32<T>(in[i]);
+    for (int i = 0; i < kPack<T>; ++i) {
+      if (col + i < inner) p[col + i] = from_float<T>(in[i]);
     }
   }
 }
@@ -175,7 +148,7 @@ struct FwdArgs {
 
 template <typename T, bool VEC, bool TANH, bool HAS_BIAS>
 __global__ void __launch_bounds__(kThreads) rtd_fwd_kernel(FwdArgs<T> a) {
-  constexpr int E = kElems<T>;
+  constexpr int E = kPack<T>;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
@@ -203,8 +176,8 @@ __global__ void __launch_bounds__(kThreads) rtd_fwd_kernel(FwdArgs<T> a) {
   float loss = 0.0f, real = 0.0f;
   if (row_ok) {
     float x = acc;
-    if (a.pred_b != nullptr) x += to_f32(*a.pred_b);
-    if (lane == 0) a.logits[row] = from_f32<T>(x);
+    if (a.pred_b != nullptr) x += to_float(*a.pred_b);
+    if (lane == 0) a.logits[row] = from_float<T>(x);
     if (a.labels != nullptr) {
       const bool replaced = is_replaced(a.labels, a.label_bytes, row);
       const bool is_real = a.mask == nullptr || a.mask[row] != 0;
@@ -261,7 +234,7 @@ struct BwdArgs {
 // tanh kernel on sm_80 and spills; with it no instantiation spills.
 template <typename T, bool VEC, bool TANH>
 __global__ void __launch_bounds__(kThreads, 3) rtd_bwd_kernel(BwdArgs<T> a) {
-  constexpr int E = kElems<T>;
+  constexpr int E = kPack<T>;
   constexpr int kChunk = 32 * E;  // columns of one block
   __shared__ float s_dw[kWarps][kChunk];
   __shared__ float s_db[kWarps][kChunk];
@@ -291,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 3) rtd_bwd_kernel(BwdArgs<T> a) {
   const int64_t last = first + a.rows_per_group < a.rows ? first + a.rows_per_group : a.rows;
   for (int64_t row = first + warp; row < last; row += kWarps) {
     float g = 0.0f;  // the same for every lane of the warp
-    if (a.dlogits != nullptr) g += to_f32(a.dlogits[row]);
+    if (a.dlogits != nullptr) g += to_float(a.dlogits[row]);
     if (a.rho != nullptr) g += coef * a.rho[row];
     float t[E], d[E];
     load_elems<T, VEC>(a.z + row * a.stride_z, col, a.inner, t);
@@ -407,7 +380,7 @@ void rtd_forward(uintptr_t z, uintptr_t dense_bias, uintptr_t pred_w, uintptr_t 
                  reinterpret_cast<const void*>(labels), reinterpret_cast<const uint8_t*>(mask),
                  reinterpret_cast<T*>(logits), reinterpret_cast<float*>(rho), reinterpret_cast<double*>(loss_part),
                  reinterpret_cast<float*>(count_part), rows, inner, stride_z, static_cast<int>(label_bytes)};
-    const int64_t e = kElems<T>;
+    const int64_t e = kPack<T>;
     const bool vec = inner % e == 0 && stride_z % e == 0 && aligned16(a.z) && aligned16(a.pred_w) &&
                      (a.dense_bias == nullptr || aligned16(a.dense_bias));
     with_bool(vec, [&](auto v) {
@@ -446,7 +419,7 @@ void rtd_backward(uintptr_t z, uintptr_t dense_bias, uintptr_t pred_w, uintptr_t
                  reinterpret_cast<const float*>(rho), reinterpret_cast<const float*>(coef),
                  reinterpret_cast<T*>(dz), reinterpret_cast<float*>(dw_part), reinterpret_cast<float*>(db_part),
                  reinterpret_cast<double*>(dbp_part), rows, inner, stride_z, stride_dz, rows_per_group};
-    const int64_t e = kElems<T>;
+    const int64_t e = kPack<T>;
     const bool vec = inner % e == 0 && stride_z % e == 0 && stride_dz % e == 0 && aligned16(a.z) &&
                      aligned16(a.dz) && aligned16(a.pred_w) && (a.dense_bias == nullptr || aligned16(a.dense_bias));
     // At least one chunk: with inner == 0 the block still writes the prediction-bias partial.
