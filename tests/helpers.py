@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+from bertfast.ops import compiled
 
 # Odd sizes on purpose (DESIGN: hidden 96 with 3 heads -> head_dim 32, vocab 1000, 3 layers).
 SIZES = dict(vocab_size=1000, hidden_size=96, num_hidden_layers=3, num_attention_heads=3, intermediate_size=160,
@@ -102,3 +105,16 @@ def mix32_python(x: int) -> int:
     x ^= x >> 15
     x = (x * 0x846CA68B) & 0xFFFFFFFF
     return x ^ (x >> 16)
+
+
+def gpu(fn):
+    """Marked ``gpu`` (run by the GPU check) and skipped, at test time, without a CUDA device."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
+
+
+def cuda_module():
+    """The built bertfast._cuda; skips the test with the reason when it is missing."""
+    module, why = compiled.load("_cuda")
+    if module is None:
+        pytest.skip(f"bertfast._cuda is not available: {why}")
+    return module

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from bertfast import ops
-from bertfast.ops import compiled, cuda_support, rng
+from bertfast.ops import cuda_support, rng
+from helpers import cuda_module, gpu
 
 sys.path.insert(0, str(Path(__file__).parent / "triton_kernels"))
 import layer_norm_cases as cases  # noqa: E402
@@ -45,23 +46,11 @@ def compare(*args, **kwargs):
     return cases.compare("cuda", *args, **kwargs)
 
 
-def gpu_test(fn):
-    """Marked ``gpu``, and skipped without a CUDA device."""
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
-
-
 def _facts(**changes):
     facts = {"device": "cuda", "dtype": torch.bfloat16, "hidden": 768, "residual": True,
              "param_dtype": torch.float32, "rows": 4096}
     facts.update(changes)
     return facts
-
-
-def _cuda_module():
-    module, why = compiled.load("_cuda")
-    if module is None:
-        pytest.skip(f"bertfast._cuda is not available: {why}")
-    return module
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,7 +94,7 @@ def test_a_direct_call_on_cpu_tensors_names_the_argument():
 
 
 def test_the_built_module_exposes_the_launchers():
-    module = _cuda_module()
+    module = cuda_module()
     assert callable(module.layer_norm_forward) and callable(module.layer_norm_backward)
     assert module.LAYER_NORM_MAX_N == LN.CUDA_MAX_HIDDEN
 
@@ -141,7 +130,7 @@ def _backward_args(**changes):
 ])
 def test_the_forward_launcher_checks_its_arguments_first(changes, match):
     """Bad arguments raise ValueError before any CUDA call (so here, without a GPU)."""
-    module = _cuda_module()
+    module = cuda_module()
     with pytest.raises(ValueError, match=match):
         module.layer_norm_forward(**_forward_args(**changes))
 
@@ -154,14 +143,14 @@ def test_the_forward_launcher_checks_its_arguments_first(changes, match):
     ({"dx": 0}, "must be device pointers"),
 ])
 def test_the_backward_launcher_checks_its_arguments_first(changes, match):
-    module = _cuda_module()
+    module = cuda_module()
     with pytest.raises(ValueError, match=match):
         module.layer_norm_backward(**_backward_args(**changes))
 
 
 def test_no_rows_launch_nothing():
     """rows == 0 returns before any CUDA call: nothing to do, no grid (0 partial rows written)."""
-    module = _cuda_module()
+    module = cuda_module()
     module.layer_norm_forward(**_forward_args(rows=0, x=0, y=0, mean=0, rstd=0))
     assert module.layer_norm_backward(**_backward_args(rows=0, db_part=64, part_rows=1)) == 0
 
@@ -175,7 +164,7 @@ def test_no_rows_launch_nothing():
 @pytest.mark.parametrize("N", [96, 768, 1000, 4096])
 @pytest.mark.parametrize("rows", [1, 7, 1151])
 @pytest.mark.parametrize("dtype", DTYPES)
-@gpu_test
+@gpu
 def test_matches_torch(dtype, rows, N, residual, dropout_p):
     kwargs = {"dropout_p": dropout_p, "seed": 1234 + rows} if dropout_p else {}
     compare(*inputs(rows, N, dtype, residual=residual, seed=rows + N), **kwargs)
@@ -183,14 +172,14 @@ def test_matches_torch(dtype, rows, N, residual, dropout_p):
 
 @pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)], ids=["none", "weight", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@gpu_test
+@gpu
 def test_weight_or_bias_none(dtype, affine):
     compare(*inputs(7, 1000, dtype, affine=affine, seed=11), dropout_p=0.1, seed=3)
 
 
 @pytest.mark.parametrize("rows,N", [(7, 768), (1151, 96), (5, 4096)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@gpu_test
+@gpu
 def test_half_x_with_float32_parameters(dtype, rows, N):
     """Autocast's mix: half activations, float32 parameters; y, dx, dr in x's dtype, dw, db float32."""
     x, w, b, r = inputs(rows, N, dtype, param_dtype=torch.float32, seed=3)
@@ -200,7 +189,7 @@ def test_half_x_with_float32_parameters(dtype, rows, N):
 
 @pytest.mark.parametrize("N", [3, 77, 520, 1001, 1032, 2050, 2056, 8192])
 @pytest.mark.parametrize("dtype", DTYPES)
-@gpu_test
+@gpu
 def test_every_row_group_size_and_odd_widths(dtype, N):
     """Widths that pick each kernel family (forward: a warp per row up to 1024, a block above;
     backward: 32, 128 or 512 threads per row past 512 and 2048), odd ones on the element-wise path."""
@@ -209,7 +198,7 @@ def test_every_row_group_size_and_odd_widths(dtype, N):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,N", [(20000, 96), (3001, 768), (700, 4096)])
-@gpu_test
+@gpu
 def test_persistent_backward_walks_several_row_blocks(dtype, rows, N):
     """More row blocks than resident blocks: each block of the backward grid walks several, with a
     ragged last one (the dw, db partials accumulate across them)."""
@@ -218,7 +207,7 @@ def test_persistent_backward_walks_several_row_blocks(dtype, rows, N):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,N,p", [(7, 1000, 0.25), (1151, 96, 0.1), (33, 4096, 0.5)])
-@gpu_test
+@gpu
 def test_dropout_drops_exactly_the_shared_mask(dtype, rows, N, p):
     x, w, b, r = inputs(rows, N, dtype, seed=rows)
     _, dx, _, _, dr = compare(x, w, b, r, dropout_p=p, seed=99)
@@ -227,7 +216,7 @@ def test_dropout_drops_exactly_the_shared_mask(dtype, rows, N, p):
     assert (dr != 0).float().mean() > 0.99  # the residual's gradient is not masked
 
 
-@gpu_test
+@gpu
 def test_seed_repeats_and_changes():
     x, w, b, r = inputs(9, 200, torch.float32)
     run_ = lambda **kw: ops.layer_norm(x, w, b, EPS, residual=r, dropout_p=0.3, backend="cuda", **kw)  # noqa: E731
@@ -241,7 +230,7 @@ def test_seed_repeats_and_changes():
 
 
 @pytest.mark.parametrize("seed", [-5, 2**31 + 1, 2**40 + 3])
-@gpu_test
+@gpu
 def test_seed_tensors_use_their_low_32_bits_as_the_torch_backend_does(seed):
     """A seed tensor is not reduced modulo 2^31: its low 32 bits key the mask on every backend."""
     rows, N, p = 7, 1000, 0.25
@@ -253,7 +242,7 @@ def test_seed_tensors_use_their_low_32_bits_as_the_torch_backend_does(seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@gpu_test
+@gpu
 def test_unaligned_and_strided_inputs_equal_contiguous(dtype):
     """x a column slice starting one element in (rows not 16-byte aligned: the element-wise path, read
     in place), the residual a transpose (copied), dy broadcast (row stride 0, read in place): bitwise
@@ -279,7 +268,7 @@ def test_unaligned_and_strided_inputs_equal_contiguous(dtype):
     compare(x, w, b, r, dropout_p=0.2, seed=4)
 
 
-@gpu_test
+@gpu
 def test_three_dim_input_and_saved_statistics():
     x, w, b, r = inputs(3 * 5, 96, torch.float32, seed=6)
     compare(x.view(3, 5, 96), w, b, r.view(3, 5, 96), dropout_p=0.1, seed=2)
@@ -292,7 +281,7 @@ def test_three_dim_input_and_saved_statistics():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@gpu_test
+@gpu
 def test_constant_rows_are_finite(dtype):
     """All-zero rows and constant rows: var = 0, rstd = 1 / sqrt(eps), y = bias, finite gradients."""
     x, w, b, r = inputs(6, 100, dtype, seed=9)
@@ -304,7 +293,7 @@ def test_constant_rows_are_finite(dtype):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-@gpu_test
+@gpu
 def test_no_rows():
     x = torch.zeros(0, 96, device="cuda", requires_grad=True)
     w = torch.ones(96, device="cuda", requires_grad=True)
@@ -314,7 +303,7 @@ def test_no_rows():
     assert y.shape == (0, 96) and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
-@gpu_test
+@gpu
 def test_gradients_only_for_inputs_that_require_them():
     x, w, b, r = inputs(7, 96, torch.float32)
     xg = x.clone().requires_grad_()
@@ -324,7 +313,7 @@ def test_gradients_only_for_inputs_that_require_them():
     assert torch.equal(dx, dr) and dx.data_ptr() != dr.data_ptr()  # without dropout: equal, not shared
 
 
-@gpu_test
+@gpu
 def test_dispatch_prefers_cuda_and_falls_back_past_its_width():
     x = randn(4, 96)
     wide = randn(2, LN.CUDA_MAX_HIDDEN + 8)
@@ -336,7 +325,7 @@ def test_dispatch_prefers_cuda_and_falls_back_past_its_width():
         ops.layer_norm(wide, None, None, backend="cuda")
 
 
-@gpu_test
+@gpu
 def test_custom_op_under_torch_compile():
     """The custom op on the cuda backend in one compiled graph (inductor, fullgraph), forward and
     backward, equal to the eager op with the same seed."""

@@ -9,25 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bertfast.ops import compiled
 from bertfast.ops.dispatch import BackendUnavailableError
+from helpers import cuda_module, gpu
 
 VOCAB = 1000
 MASK_ID = 4
 SPECIAL = (0, 1, 2, 3, MASK_ID)  # pad, cls, sep, unk, mask
 TILE = 256  # the kernel's widest block: columns per tile
 DEVICE = "cuda"
-
-
-def gpu(fn):
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
-
-
-def cuda_module():
-    module, why = compiled.load("_cuda")
-    if module is None:
-        pytest.skip(f"bertfast._cuda: {why}")
-    return module
 
 
 def make_batch(B, T, dtype, seed, words=None, special_rate=0.1):

@@ -25,6 +25,7 @@ from bertfast.ops import compiled
 from bertfast.ops.cuda_support import DTYPE_CODES
 from bertfast.ops.dispatch import BackendUnavailableError
 from bertfast.ops.rtd_loss import rtd_head_backward, rtd_head_forward
+from helpers import cuda_module, gpu  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "triton_kernels"))
 import rtd_loss_cases as cases  # noqa: E402
@@ -42,17 +43,6 @@ def make_inputs(*args, **kwargs):
 
 def compare(*args, **kwargs):
     return cases.compare("cuda", *args, **kwargs)
-
-
-def gpu(fn):
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
-
-
-def cuda_module():
-    module, why = compiled.load("_cuda")
-    if module is None:
-        pytest.skip(f"bertfast._cuda: {why}")
-    return module
 
 
 # ------------------------------------------------------------------------------------------------
