@@ -185,6 +185,7 @@ setup(
         "bertfast.nn",
         "bertfast.models",
         "bertfast.data",
+        "bertfast.pretrain",
         "bertfast.kernels",
     ],
     package_dir={"bertfast.kernels": "kernels"},
@@ -197,6 +198,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "tqdm>=4.60",
+        "matplotlib>=3.7",  # the loss plot of `bertfast pretrain`
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={

@@ -1,4 +1,5 @@
-"""The `bertfast` command: `bertfast info`, `bertfast demo`, `bertfast static-report`."""
+"""The `bertfast` command: `bertfast info`, `bertfast pretrain`, `bertfast export`, `bertfast demo`,
+`bertfast static-report`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, devices, compiled parts, and the backends each op can use here")
     info.add_argument("--json", action="store_true", help="print the report as JSON")
+    from bertfast.pretrain import command as pretrain_command
+
+    pretrain = sub.add_parser("pretrain", help="pretrain BERT, ALBERT, RoBERTa or ELECTRA (default: ELECTRA-tiny on "
+                              "the standard library's docstrings)")
+    pretrain_command.add_pretrain_arguments(pretrain)
+    export = sub.add_parser("export", help="write a pretraining run's checkpoint as a transformers folder")
+    pretrain_command.add_export_arguments(export)
     demo = sub.add_parser("demo", help="one pretraining step of BERT, ALBERT, RoBERTa and ELECTRA on random data")
     demo.add_argument("--batch", type=int, default=8)
     demo.add_argument("--seq-len", type=int, default=64)
@@ -30,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
 
         report = info_mod.collect()
         print(json.dumps(report, indent=2, default=str) if args.json else info_mod.render(report))
+    elif args.command in ("pretrain", "export"):
+        run = pretrain_command.run_pretrain if args.command == "pretrain" else pretrain_command.run_export
+        try:
+            return run(args)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            parser.error(f"{args.command}: {e}")
     elif args.command == "demo":
         from bertfast import demo as demo_mod
 

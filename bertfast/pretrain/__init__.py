@@ -1,0 +1,1 @@
+"""Pretraining of BERT, ALBERT, RoBERTa and ELECTRA on a local corpus (`bertfast pretrain`)."""
