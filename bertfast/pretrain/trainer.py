@@ -255,8 +255,12 @@ class Trainer:
             _unwrap(self.model).load_state_dict(ckpt.tensors["model"])
             self.optimizer.load_state_dict(optim_state)
         self.scheduler.load_state_dict(state["scheduler"])
-        for schedule in self.scheduler.lr_lambdas:
-            schedule.total_steps = self.cfg.steps  # an extended run decays to its new end
+        if self.scheduler.lr_lambdas[0].total_steps != self.cfg.steps:  # extended: decay to the new end
+            for group, base, schedule in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                             self.scheduler.lr_lambdas):
+                schedule.total_steps = self.cfg.steps
+                group["lr"] = base * schedule(self.scheduler.last_epoch)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.scaler.load_state_dict(state["scaler"])
         if state["world_size"] == self.dist.world_size:
             prefix = f"rank{self.dist.rank}."
@@ -292,9 +296,11 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
         lr = self.scheduler.get_last_lr()[0]
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if scale is None or self.scaler.get_scale() >= scale:  # fp16: no schedule step when the step was skipped
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += totals[P]
