@@ -116,15 +116,16 @@ def test_sigkill_then_resume_continues_exactly(tokenizers, tmp_path):
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("model", ["albert", "bert"])
-def test_two_gloo_processes_train_like_one_with_the_combined_batch(model, tokenizers, tmp_path):
-    """torchrun, 2 processes x batch 4 (DDP, gloo) == 1 process x batch 8, parameters after 4 steps.
-    Dropout is off: its masks depend on a row's place in its batch."""
+@pytest.mark.parametrize("model,sharding", [("albert", "ddp"), ("bert", "ddp"), ("bert", "fsdp")])
+def test_two_gloo_processes_train_like_one_with_the_combined_batch(model, sharding, tokenizers, tmp_path):
+    """torchrun, 2 processes x batch 4 (DDP or FSDP2, gloo) == 1 process x batch 8, parameters after
+    4 steps. Dropout is off: its masks depend on a row's place in its batch."""
     overrides = tmp_path / "config.json"
     overrides.write_text(json.dumps({**NO_DROPOUT, **({"classifier_dropout_prob": 0.0} if model == "albert" else {})}))
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "bertfast.pretrain", *cli_args(out, tokenizers, model, "--steps", 4, "--config", overrides)]
+           "bertfast.pretrain", *cli_args(out, tokenizers, model, "--steps", 4, "--config", overrides),
+           *(["--fsdp"] if sharding == "fsdp" else [])]
     done = subprocess.run(cmd, env=dict(subprocess_env(), OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -231,3 +232,16 @@ def test_extending_a_finished_run_decays_to_the_new_end(tokenizers, tmp_path):
     assert [r["step"] for r in records] == list(range(1, 9))
     # steps 5..8 follow the re-planned schedule: warmup 1 kept, linear decay to 0 after step 8
     assert [r["lr"] for r in records[4:]] == pytest.approx([1e-3 * (8 - s) / 7 for s in range(4, 8)], rel=1e-12)
+
+
+def test_bertfast_command_pretrains_and_exports(tokenizers, tmp_path, capsys):
+    from bertfast import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["pretrain", *cli_args(run, tokenizers, "albert", "--steps", 2)]) == 0
+    assert "albert-tiny" in capsys.readouterr().out
+    assert cli.main(["export", str(run), str(tmp_path / "hf")]) == 0
+    assert "AlbertForPreTraining" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(run), str(tmp_path / "hf")])  # not an empty folder any more
+    assert "not empty" in capsys.readouterr().err

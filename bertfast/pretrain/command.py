@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from bertfast.pretrain import recipes
 
@@ -48,7 +49,8 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics records")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state with "
                    "FSDP2 (fully_shard) instead of replicating them with DDP")
-    p.add_argument("--out", metavar="DIR", help="the run folder (default: runs/<model>-<size>)")
+    p.add_argument("--out", metavar="DIR", help="the run folder (default: runs/<model>-<size>, or -2, -3, ... if it "
+                   "exists)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its saved settings (--steps may extend it)")
     p.add_argument("--device", default="auto", help="auto (this rank's GPU if any, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,11 +73,23 @@ def run_pretrain(args: argparse.Namespace) -> int:
         cfg.steps = 0  # keep the saved run's
     if not args.resume:
         cfg.check()
-    out = args.out or f"runs/{args.model}-{args.size}"
+    out = args.out or default_out(args.model, args.size, args.resume)
     trainer = Trainer(cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress,
                       plot=not args.no_plot)
     trainer.run()
     return 0
+
+
+def default_out(model: str, size: str, resume: bool) -> str:
+    """runs/<model>-<size>, or the first free runs/<model>-<size>-N so that running the same command
+    twice starts a second run instead of refusing (``--resume`` continues runs/<model>-<size>)."""
+    base = Path("runs") / f"{model}-{size}"
+    if resume or not base.exists():
+        return str(base)
+    n = 2
+    while base.with_name(f"{base.name}-{n}").exists():
+        n += 1
+    return str(base.with_name(f"{base.name}-{n}"))
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
