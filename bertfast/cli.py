@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(args)
         except (ValueError, FileNotFoundError, FileExistsError) as e:
             parser.error(f"{args.command}: {e}")
+        except KeyboardInterrupt:  # the trainer has written a checkpoint and said where
+            return 130
     elif args.command == "demo":
         from bertfast import demo as demo_mod
 

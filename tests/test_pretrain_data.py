@@ -125,3 +125,14 @@ def test_bad_sizes_name_the_argument():
         PretrainingData(docs, vocab, OBJECTIVES["roberta"], seq_len=24, seed=0, batch_size=1, accumulation=0)
     with pytest.raises(ValueError, match="corpus"):
         PretrainingData([], vocab, OBJECTIVES["roberta"], seq_len=24, seed=0, batch_size=1)
+
+
+def test_position_walks_epochs_of_different_lengths():
+    """Sentence pairs are rebuilt per duplicate, so epochs differ in length: position() must agree
+    with walking them one by one."""
+    docs, vocab = documents(80), FakeVocab()
+    data = PretrainingData(docs, vocab, OBJECTIVES["bert"], seq_len=24, seed=3, batch_size=4)
+    lengths = [data.steps_in_epoch(e) for e in range(25)]
+    assert len(set(lengths[:10])) > 1 and lengths[:10] == lengths[10:20]
+    expected = [(e, k) for e, n in enumerate(lengths) for k in range(n)]
+    assert [data.position(s) for s in range(len(expected))] == expected

@@ -245,3 +245,27 @@ def test_bertfast_command_pretrains_and_exports(tokenizers, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["export", str(run), str(tmp_path / "hf")])  # not an empty folder any more
     assert "not empty" in capsys.readouterr().err
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tokenizers, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bertfast.pretrain", *cli_args(out, tokenizers, "roberta", "--steps", 400,
+                                                                   "--checkpoint-every", 1000)]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while (not metrics.exists() or metrics.stat().st_size < 2000) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    saved = checkpoint.latest_checkpoint(out)
+    assert saved is not None and "interrupted: checkpoint at step" in stdout
+    step = int(saved.name.split("-")[1])
+    assert 0 < step < 400 and [r["step"] for r in read_metrics(metrics)] == list(range(1, step + 1))
+
+
+def test_a_diverging_loss_stops_the_run(tokenizers, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"step \d: the loss is (nan|inf)"):
+        train(tmp_path / "run", tokenizers, steps=5, lr=1e20, warmup=0, clip=0.0)

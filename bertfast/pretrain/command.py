@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_pretrain(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except KeyboardInterrupt:  # the trainer has written a checkpoint and said where
+        return 130
 
 
 if __name__ == "__main__":

@@ -96,7 +96,11 @@ class PretrainingData:
         self.group = batch_size * accumulation * world_size
         self.probability = probability
         self._documents = documents
-        self._cache: dict[int, Examples] = {}
+        # One epoch's examples and order are kept (a step needs only its own); example counts of
+        # every pairing variant are kept to map steps to epochs.
+        self._examples: tuple[int, Examples] | None = None
+        self._order: tuple[int, torch.Tensor] | None = None
+        self._counts: dict[int, int] = {}
         if objective.pairs is None:
             self._blocks = full_sentence_blocks(documents, seq_len=seq_len, cls_id=vocab.cls_token_id,
                                                 sep_id=vocab.sep_token_id, pad_id=vocab.pad_token_id)
@@ -117,33 +121,47 @@ class PretrainingData:
         if self.objective.pairs is None:
             return self._blocks
         key = epoch % self.objective.duplicates
-        if key not in self._cache:
+        if self._examples is None or self._examples[0] != key:
             v = self.vocab
             rows = build_sentence_pairs(self._pair_documents, objective=self.objective.pairs, max_tokens=self.seq_len,
                                         cls_token_id=v.cls_token_id, sep_token_id=v.sep_token_id,
                                         pad_token_id=v.pad_token_id, seed=self.seed, epoch=key)
-            self._cache[key] = Examples(rows["input_ids"].to(torch.int64), rows["attention_mask"].sum(1),
-                                        rows["token_type_ids"], rows["labels"])
-        return self._cache[key]
+            self._examples = key, Examples(rows["input_ids"].to(torch.int64), rows["attention_mask"].sum(1),
+                                           rows["token_type_ids"], rows["labels"])
+            self._counts[key] = len(self._examples[1])
+        return self._examples[1]
 
     @property
     def num_examples(self) -> int:
         return len(self.examples(0))
 
     def steps_in_epoch(self, epoch: int) -> int:
-        return len(self.examples(epoch)) // self.group
+        if self.objective.pairs is None:
+            return len(self._blocks) // self.group
+        key = epoch % self.objective.duplicates
+        if key not in self._counts:
+            self.examples(epoch)
+        return self._counts[key] // self.group
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, step within the epoch) of global step ``step`` (0-based)."""
-        epoch = 0
-        while step >= self.steps_in_epoch(epoch):
-            step -= self.steps_in_epoch(epoch)
+        # Epoch lengths repeat with the pairing variant (period `duplicates`; 1 for blocks).
+        period = self.objective.duplicates if self.objective.pairs is not None else 1
+        lengths = [self.steps_in_epoch(e) for e in range(period)]
+        cycles, step = divmod(step, sum(lengths))
+        epoch = cycles * period
+        for length in lengths:
+            if step < length:
+                break
+            step -= length
             epoch += 1
         return epoch, step
 
     def order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(mix32_int(mix32_int(self.seed) ^ (epoch & 0xFFFFFFFF)))
-        return torch.randperm(len(self.examples(epoch)), generator=g)
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(mix32_int(mix32_int(self.seed) ^ (epoch & 0xFFFFFFFF)))
+            self._order = epoch, torch.randperm(len(self.examples(epoch)), generator=g)
+        return self._order[1]
 
     # --- batches ----------------------------------------------------------------------------
     def micro_batches(self, step: int, rank: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -312,6 +312,10 @@ class Trainer:
                   "grad_norm": float(grad_norm)}
         if self.precision == "fp16":
             record["loss_scale"] = float(self.scaler.get_scale())
+        elif not math.isfinite(record["loss"]):  # fp16's scaler skips such steps; elsewhere it is divergence
+            latest = checkpoint.latest_checkpoint(self.out)
+            raise FloatingPointError(f"step {self.step}: the loss is {record['loss']} ({record}); stopped. The last "
+                                     f"checkpoint ({latest or 'none yet'}) is intact: lower --lr, or raise --warmup")
         return record
 
     def run(self) -> report.Summary | None:
