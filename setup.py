@@ -108,7 +108,8 @@ class NinjaBuildExt(build_ext):
             lines += [
                 f"nvcc = {nvcc}",
                 f"nvflags = -O3 -std=c++17 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden --expt-relaxed-constexpr "
-                f"-lineinfo {archs} -DBERTFAST_CUDA_ARCHS='\"{names}\"' -I{shlex.quote(os.path.join(HERE, 'csrc'))}",
+                # --threads 0: the architectures of one file compile in parallel (the GPU check's build budget)
+                f"--threads 0 -lineinfo {archs} -DBERTFAST_CUDA_ARCHS='\"{names}\"' -I{shlex.quote(os.path.join(HERE, 'csrc'))}",
                 "rule nvcc",
                 "  command = $nvcc -MD -MF $out.d $nvflags -c $in -o $out",
                 "  depfile = $out.d",

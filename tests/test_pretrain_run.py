@@ -247,7 +247,7 @@ def test_bertfast_command_pretrains_and_exports(tokenizers, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tokenizers, tmp_path):
+def test_ctrl_c_ends_the_step_and_writes_a_checkpoint(tokenizers, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "bertfast.pretrain", *cli_args(out, tokenizers, "roberta", "--steps", 400,
                                                                    "--checkpoint-every", 1000)]

@@ -21,6 +21,8 @@ import json
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,6 +338,16 @@ class Trainer:
                        desc=f"{cfg.model}-{cfg.size}")
         backends: dict[str, set] = {}
         start, first_step = time.perf_counter(), self.step
+        # Ctrl-C (SIGINT, which torchrun forwards to every rank) ends the run after the current step,
+        # with a checkpoint: never in the middle of a backward or a checkpoint write. A second one
+        # interrupts at once.
+        stop, previous = [False], None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum, frame):
+                if stop[0]:
+                    raise KeyboardInterrupt
+                stop[0] = True
+            previous = signal.signal(signal.SIGINT, on_sigint)
         try:
             while self.step < cfg.steps:
                 log = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
@@ -359,17 +371,25 @@ class Trainer:
                     bar.update(1)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
-        except KeyboardInterrupt:
-            if not dist.enabled and self.step > first_step:
-                path = self.save()
-                self.echo(f"\ninterrupted: checkpoint at step {self.step} in {path}; continue with --resume")
-            raise
+                if self._interrupted(stop):
+                    path = self.save() if self.step % cfg.checkpoint_every else checkpoint.latest_checkpoint(self.out)
+                    self.echo(f"\ninterrupted: checkpoint at step {self.step} in {path}; continue with --resume")
+                    raise KeyboardInterrupt
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
             if bar is not None:
                 bar.close()
         summary = self._finish(backends, int(self.tokens_seen), time.perf_counter() - start)
         dist.stop()
         return summary
+
+    def _interrupted(self, stop: list) -> bool:
+        """Whether any rank got Ctrl-C (all ranks must agree, to save the same step together)."""
+        if not self.dist.enabled:
+            return stop[0]
+        flag = torch.tensor(float(stop[0]), device=self.dist.device)
+        return bool(self.dist.all_reduce_sum(flag) > 0)
 
     def _finish(self, backends, tokens: int, seconds: float):
         if not self.dist.is_main:
