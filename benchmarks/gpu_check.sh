@@ -31,8 +31,8 @@
 #     the run (budget, total seconds)
 #   ### Parts            (table: part, status, seconds, limit)
 #   ### GPU tests        (table per suite: passed, failed, errors, skipped; failures by name)
-#   ### Benchmarks       (`bertfast bench --preset default` table)
-#   ### End-to-end pretraining throughput   (`bertfast bench --ops pretraining` table)
+#   ### Benchmarks       (`bertfast bench --preset small` table)
+#   ### End-to-end pretraining throughput   (`bertfast bench --ops pretraining --preset small` table)
 #   ### Pretraining run  (tokens/s, backends, losses from summary.json)
 #   ### Logs of failed parts (last lines of each)
 #
@@ -129,11 +129,13 @@ part_kernel_tests() {
 }
 
 part_bench() {
-    "$PYTHON" -m bertfast.cli bench --preset default --out "$OUT/bench"
+    # small: one headline case per benchmark function, every implementation side by side (the
+    # default preset is ~700 cases: more than one device call)
+    "$PYTHON" -m bertfast.cli bench --preset small --out "$OUT/bench"
 }
 
 part_e2e() {
-    "$PYTHON" -m bertfast.cli bench --ops pretraining --out "$OUT/e2e"
+    "$PYTHON" -m bertfast.cli bench --ops pretraining --preset small --out "$OUT/e2e"
 }
 
 part_pretrain() {
