@@ -412,3 +412,20 @@ def test_fake_registration_does_not_leak(fake_op):
     with pytest.raises(ValueError, match=r"^backend: unknown backend 'metal'"):
         fake_op.register("metal")
     assert set(fake_op.backends) == {"cuda", "torch"}
+
+
+def test_record_backends_does_not_recompile_a_compiled_model():
+    """A compiled module called inside and outside record_backends() compiles once: recording is
+    skipped while dynamo traces (it would guard the graph on the trace stack)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    norm = torch.compile(bertfast.nn.LayerNorm(8), backend=counter)
+    x = _rand(2, 3, 8)
+    norm(x)
+    for _ in range(3):
+        with bertfast.record_backends():
+            norm(x)
+    norm(x)
+    assert counter.frame_count == 1

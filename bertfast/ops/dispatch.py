@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
+import torch
+
 # Every backend the project knows, in the default preference order (fastest first).
 BACKEND_NAMES = ("cuda", "triton", "torch")
 ENV_VAR = "BERTFAST_BACKEND"
@@ -70,8 +72,11 @@ class Op:
             reason = self.refusal(name, facts)
             if reason is None:
                 chosen = self.backends[name]
-                for trace in _trace_stack:
-                    trace.append((self.name, name))
+                # Not while torch.compile traces: reading the trace stack there would guard the
+                # graph on its length and recompile on every record_backends() call.
+                if not torch.compiler.is_compiling():
+                    for trace in _trace_stack:
+                        trace.append((self.name, name))
                 return chosen
             reasons[name] = reason
         lines = [f"{self.name}: no requested backend can run this call (requested: {', '.join(requested)})"]
