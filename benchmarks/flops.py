@@ -278,10 +278,13 @@ TRITON_NEEDS_CUDA = "the triton backend compiles for a GPU (the Triton interpret
 # torch.compile on a CPU builds C++ with inductor: ~25 s per graph on a 2-core machine, more than a
 # whole smoke run of a file. Set this variable to 1 to run the compiled cases on a CPU anyway.
 COMPILE_ON_CPU_ENV = "BERTFAST_BENCH_COMPILE_ON_CPU"
+NO_COMPILE_ENV = "BERTFAST_BENCH_NO_COMPILE"  # "1": skip every torch.compile case (compiling takes minutes)
 
 
 def compile_skip_reason(device: torch.device) -> str | None:
     """Why a torch.compile case does not run here (None: it runs)."""
+    if os.environ.get(NO_COMPILE_ENV) == "1":
+        return f"{NO_COMPILE_ENV}=1: torch.compile cases are left out (the GPU check's time budget)"
     if device.type == "cuda" or os.environ.get(COMPILE_ON_CPU_ENV) == "1":
         return None
     return (f"needs CUDA: torch.compile on a CPU compiles C++ for ~25 s per case (set {COMPILE_ON_CPU_ENV}=1 "
@@ -400,7 +403,7 @@ def run_case(benchmark, device: torch.device, env_info: dict, *, group: str, imp
                 _, estimate = one_call()  # compiles, autotunes; a refusing backend raises here
     except torch.OutOfMemoryError:
         refused = f"out of memory on {env_info['device_name']} ({env_info.get('device_memory_gib')} GiB)"
-    except bertfast.BackendUnavailableError as error:
+    except bertfast.ops.BackendUnavailableError as error:
         refused = f"bertfast refused the call: {error}"
     if refused is not None:
         del setup, target, forward
