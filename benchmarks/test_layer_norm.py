@@ -18,6 +18,7 @@ the weight and the bias. One pytest-benchmark group per case, implementations si
   liger             liger_kernel's LigerLayerNormFunction on F.dropout(x) + r
   bertfast-torch    bertfast.ops.layer_norm(..., backend="torch"): the reference backend
   bertfast-triton   bertfast.ops.layer_norm(..., backend="triton"): one kernel per direction
+  bertfast-cuda     bertfast.ops.layer_norm(..., backend="cuda"): the CUDA kernels (csrc/cuda/layer_norm.cu)
 
 Timing, rounds and peak memory as in test_attention.py (``flops.run_case``: CUDA events and an L2
 flush between rounds on a GPU; wall time, 3 rounds, one thread on a CPU). ``extra_info``: bytes
@@ -52,7 +53,7 @@ GPU_ONLY_HIDDEN = (128,)
 ROWS = {"cuda": 16384, "cpu": 512}
 VARIANTS = {"plain": (False, 0.0), "residual+dropout": (True, 0.1)}  # (residual, dropout_p)
 EPS = 1e-12  # BERT's layer_norm_eps
-IMPLS = ("torch-eager", "torch-compile", "liger", "bertfast-torch", "bertfast-triton")
+IMPLS = ("torch-eager", "torch-compile", "liger", "bertfast-torch", "bertfast-triton", "bertfast-cuda")
 BASELINES = ("torch-eager", "torch-compile", "liger")
 
 
@@ -97,6 +98,8 @@ def implementation(impl: str, device: torch.device):
     backend = impl.removeprefix("bertfast-")
     if backend == "triton" and device.type != "cuda":
         pytest.skip(f"needs CUDA: {TRITON_NEEDS_CUDA}")
+    if backend == "cuda" and device.type != "cuda":
+        pytest.skip("needs CUDA: the cuda backend's kernels (bertfast._cuda) run on a GPU")
     return lambda x, residual, weight, bias, p: bertfast.ops.layer_norm(x, weight, bias, EPS, residual=residual,
                                                                          dropout_p=p, backend=backend)
 

@@ -16,6 +16,7 @@ test_rtd_loss, the discriminator's replaced-token detection: mode (fwd | bwd | f
   transformers-compile   the same function under torch.compile (default mode; GPU only, see flops.py)
   bertfast-torch         bertfast.ops.rtd_loss(..., backend="torch") on the head's parameters
   bertfast-triton        bertfast.ops.rtd_loss(..., backend="triton")
+  bertfast-cuda          bertfast.ops.rtd_loss(..., backend="cuda"): the CUDA head kernels after cuBLAS's GEMM
 
 Useful FLOPs: 2 * real tokens * (H*H + H) forward, 2x backward (``flops.gemm_flops``).
 
@@ -78,6 +79,8 @@ MASK_TOKEN_ID = 103  # [MASK] in BERT's / ELECTRA's vocabulary
 def _skip_unless_runnable(impl: str, device: torch.device) -> None:
     if impl == "bertfast-triton" and device.type != "cuda":
         pytest.skip(f"needs CUDA: {TRITON_NEEDS_CUDA}")
+    if impl == "bertfast-cuda" and device.type != "cuda":
+        pytest.skip("needs CUDA: the cuda backend's kernels (bertfast._cuda) run on a GPU")
     if impl == "transformers-compile":
         reason = compile_skip_reason(device)
         if reason:
@@ -105,7 +108,7 @@ def chosen_tokens(mask: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 RTD_HIDDEN = (256, 768)
-RTD_IMPLS = ("transformers-eager", "transformers-compile", "bertfast-torch", "bertfast-triton")
+RTD_IMPLS = ("transformers-eager", "transformers-compile", "bertfast-torch", "bertfast-triton", "bertfast-cuda")
 RTD_BASELINES = ("transformers-eager", "transformers-compile")
 
 
