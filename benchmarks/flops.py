@@ -365,6 +365,22 @@ def peak_memory_mib(setup, target) -> float:
 _MEASURED: dict[str, dict[str, tuple[float, float | None]]] = {}
 
 
+def compare_with_baselines(record: dict, group: str, impl: str, median: float, peak: float | None,
+                           baselines: Sequence[str]) -> dict:
+    """Add ``speedup_vs_X`` (X's median / this median) and ``memory_ratio_vs_X`` (X's peak / this
+    peak) to ``record`` for every baseline X that ran earlier in ``group``; returns the group's
+    {impl: (median, peak)} so far (the caller records this impl in it)."""
+    earlier = _MEASURED.setdefault(group, {})
+    for name in baselines:
+        if name == impl or name not in earlier:
+            continue
+        their_median, their_peak = earlier[name]
+        record[f"speedup_vs_{name}"] = their_median / median
+        if their_peak is not None and peak:
+            record[f"memory_ratio_vs_{name}"] = their_peak / peak
+    return earlier
+
+
 def run_case(benchmark, device: torch.device, env_info: dict, *, group: str, impl: str, mode: str,
              forward: Callable[[], object], leaves: Sequence[torch.Tensor], grad_out: torch.Tensor | None = None,
              info: dict | None = None, nbytes: float | None = None, flops: float | None = None,
@@ -443,14 +459,7 @@ def run_case(benchmark, device: torch.device, env_info: dict, *, group: str, imp
                 record["fraction_of_matmul_rate"] = record["tflops"] / env_info["matmul_tflops"]
         if tokens:
             record["tokens_per_s"] = tokens / median
-        earlier = _MEASURED.setdefault(group, {})
-        for name in baselines:
-            if name == impl or name not in earlier:
-                continue
-            their_median, their_peak = earlier[name]
-            record[f"speedup_vs_{name}"] = their_median / median
-            if their_peak is not None and peak:
-                record[f"memory_ratio_vs_{name}"] = their_peak / peak
+        earlier = compare_with_baselines(record, group, impl, median, peak, baselines)
         if goal is not None and baselines and impl not in baselines and baselines[0] in earlier:
             speed, memory = goal
             first = baselines[0]

@@ -73,7 +73,7 @@ from dataclasses import dataclass
 import model_flops
 import pytest
 import torch
-from flops import DTYPE, compile_skip_reason, fresh_compile, tflops, use_device_clock
+from flops import DTYPE, compare_with_baselines, compile_skip_reason, fresh_compile, tflops, use_device_clock
 from torch import nn
 
 import bertfast
@@ -109,9 +109,6 @@ CPU_NOTE = ("cpu stand-in config: hidden 128, 2 layers, 2 heads, intermediate 51
 # (fewest rounds, most rounds, seconds the timed rounds should take) and warmup rounds, per device
 ROUNDS = {"cuda": (5, 30, 2.0), "cpu": (3, 3, 0.0)}
 WARMUP_ROUNDS = {"cuda": 2, "cpu": 0}
-
-# group -> impl -> (median seconds, peak MiB or None) of the cases that ran earlier in the session
-_MEASURED: dict[str, dict[str, tuple[float, float | None]]] = {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,13 +401,5 @@ def test_pretraining_step(benchmark, device, env_info, name, seq_len, batch, imp
         record["tflops"] = tflops(flops, median)
         if env_info.get("matmul_tflops"):
             record["mfu"] = record["fraction_of_matmul_rate"] = record["tflops"] / env_info["matmul_tflops"]
-        earlier = _MEASURED.setdefault(group, {})
-        for other in BASELINES:
-            if other == impl or other not in earlier:
-                continue
-            their_median, their_peak = earlier[other]
-            record[f"speedup_vs_{other}"] = their_median / median
-            if their_peak is not None and peak:
-                record[f"memory_ratio_vs_{other}"] = their_peak / peak
-        earlier[impl] = (median, peak)
+        compare_with_baselines(record, group, impl, median, peak, BASELINES)[impl] = (median, peak)
     benchmark.extra_info.update(record)
