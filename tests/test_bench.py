@@ -270,10 +270,12 @@ def test_real_run_layer_norm_small(tmp_path, capsys):
     assert "vs torch-eager" in table
     assert "bertfast-triton (layer_norm)" in table  # named as not measured on a CPU
     assert "- layer_norm / bertfast-triton: needs CUDA" in table
-    # the small preset's one case, all five implementations: two timed, three skipped on a CPU
-    assert sorted(s["impl"] for s in doc_skipped(out)) == ["bertfast-triton", "liger", "torch-compile"]
+    # the small preset's one case, all six implementations: two timed, four skipped on a CPU
+    assert sorted(s["impl"] for s in doc_skipped(out)) == ["bertfast-cuda", "bertfast-triton", "liger",
+                                                           "torch-compile"]
     doc = json.loads((out / "bench.json").read_text())
-    assert doc["preset"] == "small" and doc["pytest_exit_code"] == 0 and doc["deselected_by_preset"] == 115
+    # the file's 3 modes x 4 hidden sizes x 2 variants x 6 implementations, less the one case kept
+    assert doc["preset"] == "small" and doc["pytest_exit_code"] == 0 and doc["deselected_by_preset"] == 144 - 6
     assert {r["impl"] for r in doc["rows"]} == {"torch-eager", "bertfast-torch"}
     assert (out / "speedup.png").read_bytes()[:4] == b"\x89PNG"
 

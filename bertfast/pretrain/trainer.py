@@ -163,7 +163,7 @@ class Trainer:
                   f"{self.corpus.num_sentences:,} sentences, {self.corpus.num_characters:,} characters"
                   + (f"; skipped {self.corpus.skipped}" if self.corpus.skipped else ""))
         tok_file = self.out / "tokenizer.json"
-        if dist.is_main and not tok_file.exists():
+        if dist.is_main and not (resume and tok_file.exists()):  # a new run never reuses an old folder's tokenizer
             if cfg.tokenizer is not None:
                 vocab = load_tokenizer(cfg.tokenizer)
                 how = f"loaded {cfg.tokenizer}"
@@ -190,7 +190,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = recipes.build_model(cfg.model, self.model_config, generator_fraction=cfg.generator_fraction,
                                     rtd_weight=cfg.rtd_weight).to(dist.device)
-        self.optimizer_model = model
         self.step = 0
         if dist.is_main:
             self._write_run_json()
