@@ -20,7 +20,7 @@ import subprocess
 import sys
 import sysconfig
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 VERSION = "0.1.0"
@@ -180,15 +180,9 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "bertfast",
-        "bertfast.ops",
-        "bertfast.nn",
-        "bertfast.models",
-        "bertfast.data",
-        "bertfast.pretrain",
-        "bertfast.kernels",
-    ],
+    # Every package under bertfast/ (a new one cannot be forgotten: bertfast.bench once was), plus the
+    # Triton kernels, which live in kernels/ and install as bertfast.kernels.
+    packages=find_packages(include=["bertfast", "bertfast.*"]) + ["bertfast.kernels"],
     package_dir={"bertfast.kernels": "kernels"},
     ext_modules=EXTENSIONS,
     cmdclass={"build_ext": BuildExt},
