@@ -17,7 +17,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import sysconfig
 
 from setuptools import Extension, find_packages, setup
@@ -143,6 +142,8 @@ class NinjaBuildExt(build_ext):
     def _write_build_info(self):
         """What was built and why not, next to the modules, for `bertfast info`."""
         info = {"_C": "built", "_cuda": self.cuda_reason or "built"}
+        if self.nvcc:
+            info["nvcc"] = self.nvcc  # the compiler it was built with (the GPU check reports its version)
         folders = {os.path.dirname(self.get_ext_fullpath("bertfast._C"))}
         if self.inplace or getattr(self, "editable_mode", False):  # editable: the modules land in the tree
             folders.add(os.path.join(HERE, "bertfast"))
@@ -171,6 +172,8 @@ class BuildExt(NinjaBuildExt):
         if not build_cuda:
             self.extensions = [e for e in self.extensions if e.name != "bertfast._cuda"]
         super().run()
+        if self.inplace:  # setuptools builds with inplace off, then copies the modules into the tree
+            self._write_build_info()
 
 
 setup(

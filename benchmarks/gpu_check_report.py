@@ -65,14 +65,12 @@ def _nvidia_smi() -> dict:
 
 
 def _find_nvcc() -> str | None:
-    """Where setup.py looks: CUDA_HOME / CUDA_PATH, PATH, /usr/local/cuda."""
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
-            return os.path.join(root, "bin", "nvcc")
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    return "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+    """The nvcc setup.py built with (recorded in bertfast/_build.json), else the one on PATH."""
+    try:
+        recorded = json.loads((ROOT / "bertfast" / "_build.json").read_text()).get("nvcc")
+    except (OSError, ValueError):
+        recorded = None
+    return recorded or shutil.which("nvcc")
 
 
 def _nvcc_version() -> str | None:

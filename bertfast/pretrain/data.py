@@ -95,7 +95,6 @@ class PretrainingData:
         self.batch_size, self.accumulation, self.world_size = batch_size, accumulation, world_size
         self.group = batch_size * accumulation * world_size
         self.probability = probability
-        self._documents = documents
         # One epoch's examples and order are kept (a step needs only its own); example counts of
         # every pairing variant are kept to map steps to epochs.
         self._examples: tuple[int, Examples] | None = None
