@@ -86,12 +86,19 @@ part_env() {
 part_build() {
     if [[ ${GPU_CHECK_SKIP_BUILD:-0} == 1 ]]; then
         echo "== compile skipped (GPU_CHECK_SKIP_BUILD=1): import check and bertfast info only"
-    elif [[ $GPU_CHECK_CUDA == 1 ]]; then
-        echo "== BERTFAST_CUDA=1 $PYTHON setup.py -q build_ext --inplace"
-        BERTFAST_CUDA=1 "$PYTHON" setup.py -q build_ext --inplace || return
     else
-        echo "== $PYTHON setup.py -q build_ext --inplace (BERTFAST_CUDA unset: _cuda built when nvcc is found)"
-        env -u BERTFAST_CUDA "$PYTHON" setup.py -q build_ext --inplace || return
+        # An editable install, not `setup.py build_ext --inplace`: the Triton kernels live in the
+        # top-level kernels/ folder and are importable as bertfast.kernels only through the install's
+        # package mapping (the first device run, with PYTHONPATH alone, could not import them).
+        # --no-index --no-build-isolation: the device reaches no package index.
+        local pip=("$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index -e .)
+        if [[ $GPU_CHECK_CUDA == 1 ]]; then
+            echo "== BERTFAST_CUDA=1 ${pip[*]}"
+            BERTFAST_CUDA=1 "${pip[@]}" || return
+        else
+            echo "== ${pip[*]} (BERTFAST_CUDA unset: _cuda built when nvcc is found)"
+            env -u BERTFAST_CUDA "${pip[@]}" || return
+        fi
     fi
     # `bertfast info` and the import check in one process: importing bertfast is most of the time.
     echo "== bertfast info, then the import check"
@@ -102,7 +109,7 @@ import sys
 from bertfast.cli import main
 
 rc = main(["info"])
-names = ["bertfast._C"] + (["bertfast._cuda"] if sys.argv[1] == "1" else [])
+names = ["bertfast._C", "bertfast.kernels"] + (["bertfast._cuda"] if sys.argv[1] == "1" else [])
 for name in names:
     importlib.import_module(name)
 print("imported: bertfast, " + ", ".join(names))

@@ -284,9 +284,10 @@ def time_step(benchmark, device: torch.device, env_info: dict, impl: str, step) 
     clock = use_device_clock(benchmark) if kind == "cuda" else time.perf_counter
     compile_errors = ()
     if impl in COMPILED:
-        import torch._dynamo.exc  # also the base of inductor's errors
+        # (`import torch._dynamo.exc` here would make `torch` a local name of the whole function)
+        from torch._dynamo import exc as dynamo_exc  # also the base of inductor's errors
 
-        compile_errors = (torch._dynamo.exc.TorchDynamoException,)
+        compile_errors = (dynamo_exc.TorchDynamoException,)
     backends: set[tuple[str, str]] = set()
 
     def traced_step() -> torch.Tensor:

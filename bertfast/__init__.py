@@ -3,6 +3,7 @@
     import bertfast
     model = bertfast.from_hf(hf_model)          # same weights, bertfast ops underneath
     with bertfast.use_backend("torch"): ...     # pick the backend (see bertfast.ops.dispatch)
+    report = bertfast.patch(model)              # swap bertfast ops into an existing model, in place
 
 Nothing here touches a GPU at import time.
 """
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 
 from bertfast import models, nn, ops  # noqa: E402
 from bertfast.ops.dispatch import record_backends, use_backend  # noqa: E402
+from bertfast.patching import PatchReport, is_patched, patch, unpatch  # noqa: E402
 
 
 def from_hf(hf_model):
@@ -35,5 +37,5 @@ def register_hf_attention(name="bertfast"):
     hf_attention.register(name)
 
 
-__all__ = ["__version__", "from_hf", "models", "nn", "ops", "record_backends", "register_hf_attention", "to_hf",
-           "use_backend"]
+__all__ = ["PatchReport", "__version__", "from_hf", "is_patched", "models", "nn", "ops", "patch", "record_backends",
+           "register_hf_attention", "to_hf", "unpatch", "use_backend"]

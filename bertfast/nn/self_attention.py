@@ -41,15 +41,24 @@ class SelfAttention(nn.Module):
         if hidden_states.dim() != (2 if packed else 3):
             want = "(total_tokens, hidden) with a Packing" if packed else "(batch, seq_len, hidden)"
             raise ValueError(f"hidden_states: expected {want}, got {tuple(hidden_states.shape)}")
-        lead = hidden_states.shape[:-1]
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3*hidden, hidden)
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = F.linear(hidden_states, weight, bias).view(*lead, 3, self.num_attention_heads, self.attention_head_size)
-        q, k, v = qkv.unbind(-3)  # each (*lead, heads, head_dim), strided views
         p = self.dropout.p if self.training else 0.0
-        if packed:
-            context = ops.attention(q, k, v, cu_seqlens=key_padding_mask.cu_seqlens,
-                                    max_seqlen=key_padding_mask.max_seqlen, dropout_p=p)
-        else:
-            context = ops.attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=p)
-        return context.reshape(*lead, -1)
+        return self_attention(hidden_states, self.query, self.key, self.value, self.num_attention_heads, p,
+                              key_padding_mask)
+
+
+def self_attention(hidden_states: torch.Tensor, query: nn.Linear, key: nn.Linear, value: nn.Linear, heads: int,
+                   dropout_p: float, key_padding_mask: torch.Tensor | Packing | None) -> torch.Tensor:
+    """The math of ``SelfAttention.forward`` on any three biased ``nn.Linear`` projections (also
+    those of a transformers model, which ``bertfast.patch`` runs this on): Q, K and V as one GEMM on
+    the concatenated weights, then the attention op on strided views of its output."""
+    lead = hidden_states.shape[:-1]
+    weight = torch.cat([query.weight, key.weight, value.weight])  # (3*hidden, hidden)
+    bias = torch.cat([query.bias, key.bias, value.bias])
+    qkv = F.linear(hidden_states, weight, bias).view(*lead, 3, heads, query.out_features // heads)
+    q, k, v = qkv.unbind(-3)  # each (*lead, heads, head_dim), strided views
+    if isinstance(key_padding_mask, Packing):
+        context = ops.attention(q, k, v, cu_seqlens=key_padding_mask.cu_seqlens,
+                                max_seqlen=key_padding_mask.max_seqlen, dropout_p=dropout_p)
+    else:
+        context = ops.attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+    return context.reshape(*lead, -1)
