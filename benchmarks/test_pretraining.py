@@ -23,6 +23,9 @@ Implementations (each starts from the same seeded bertfast weights):
   hf-eager          bertfast.to_hf(model, attn_implementation="eager")
   hf-sdpa           bertfast.to_hf(model, attn_implementation="sdpa")
   hf-sdpa-compile   torch.compile of the hf-sdpa model(s) (default mode; GPU only, see flops.py)
+  hf-sdpa-patched   the hf-sdpa model(s) after ``bertfast.patch`` (the drop-in swap: transformers'
+                    classes, bertfast ops underneath); ELECTRA's generator keeps its logits
+                    (``keep_logits=True``) because the step samples from them
   bertfast          the bertfast model; dispatch picks the fastest backend for every op
   bertfast-compile  torch.compile of the bertfast model (GPU only; the padded path traces)
 
@@ -88,7 +91,7 @@ if PRESET not in ("small", "default"):
 
 ON_GPU = torch.cuda.is_available()  # decided at collection, as the case list depends on it
 MODELS = ("albert", "roberta", "electra")
-IMPLS = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "bertfast", "bertfast-compile")  # baselines first
+IMPLS = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "hf-sdpa-patched", "bertfast", "bertfast-compile")  # baselines first
 BASELINES = ("hf-sdpa", "hf-eager", "hf-sdpa-compile")
 COMPILED = ("hf-sdpa-compile", "bertfast-compile")
 # (seq_len, batch): ~64k token slots per step on a GPU; one tiny case on a CPU
@@ -346,6 +349,9 @@ def test_pretraining_step(benchmark, device, env_info, name, seq_len, batch, imp
         model = hf_model(name, ours, attn).to(device).train()
         del ours
         loss_fn = hf_loss
+        if impl == "hf-sdpa-patched":
+            report = bertfast.patch(model, keep_logits=name == "electra")
+            assert report.swapped and not report.left, str(report)
     else:
         model = ours.to(device).train()
         loss_fn = bertfast_loss

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 REPORT = ROOT / "benchmarks" / "gpu_check_report.py"
-PARTS = ("env", "build", "ceilings", "gpu-tests", "kernel-tests", "bench", "e2e", "pretrain")
+PARTS = ("env", "build", "ceilings", "gpu-tests", "kernel-tests", "e2e", "bench", "pretrain")
 GPU_PARTS = PARTS[2:]
 STATUS = re.compile(r"ok( \(.+\))?|failed rc=-?\d+|timed out after \d+ s|skipped: .+")
 
