@@ -63,7 +63,8 @@ def albert_layer(layer: nn.Module, approximate: str, hidden: torch.Tensor, mask)
 
 
 def layer_steps(model: nn.Module, plan: EncoderPlan) -> list[list[tuple[nn.Module, functools.partial]]]:
-    """Per encoder step (what transformers counts as one hidden state), its (layer, run(h, mask))."""
+    """Per encoder step (what transformers counts as one hidden state: a layer; for ALBERT a layer
+    call in transformers 5, a group step in 4.x), its (layer, run(h, mask)) list."""
     encoder = model.encoder
     if plan.kind == "bert":
         return [[(layer, functools.partial(bert_layer, layer, plan.approximate))] for layer in encoder.layer]
@@ -71,8 +72,11 @@ def layer_steps(model: nn.Module, plan: EncoderPlan) -> list[list[tuple[nn.Modul
     steps = []
     for i in range(layers):
         group = encoder.albert_layer_groups[int(i / (layers / groups))]  # transformers' group index
-        steps.append([(layer, functools.partial(albert_layer, layer, plan.approximate))
-                      for layer in group.albert_layers])
+        runs = [(layer, functools.partial(albert_layer, layer, plan.approximate)) for layer in group.albert_layers]
+        if plan.state_per_layer:
+            steps.extend([run] for run in runs)
+        else:
+            steps.append(runs)
     return steps
 
 

@@ -101,6 +101,7 @@ class EncoderPlan:
     pooler: str | None        # "bert" (pooler module), "albert" (pooler + pooler_activation), None
     output_class: type
     unpad: bool | None
+    state_per_layer: bool     # ALBERT hidden states: one per layer call (transformers 5) or per group step (4.x)
 
 
 def _output_class(model: nn.Module, kind: str) -> type:
@@ -110,7 +111,7 @@ def _output_class(model: nn.Module, kind: str) -> type:
         return mo.BaseModelOutputWithPooling
     if hasattr(model, "pooler"):
         return mo.BaseModelOutputWithPoolingAndCrossAttentions
-    return mo.BaseModelOutputWithCrossAttentions
+    return mo.BaseModelOutputWithPastAndCrossAttentions  # ElectraModel returns its encoder's output
 
 
 def output_class_named(model: nn.Module, name: str) -> type:
@@ -267,4 +268,8 @@ def encoder_plan(model: nn.Module, unpad: bool | None) -> EncoderPlan:
         transformers_forward(model.pooler)
         linear(model.pooler, "dense", hidden, hidden)
         pooler = "bert"
-    return EncoderPlan(kind, roberta, projection, modes.pop(), pooler, _output_class(model, kind), unpad)
+    import transformers
+
+    state_per_layer = int(transformers.__version__.split(".")[0]) >= 5
+    return EncoderPlan(kind, roberta, projection, modes.pop(), pooler, _output_class(model, kind), unpad,
+                       state_per_layer)
