@@ -188,7 +188,7 @@ def register(name: str = DEFAULT_NAME) -> None:
     """Register the bertfast attention and its mask function with transformers under ``name``.
 
     Idempotent. Refuses a name that transformers already maps to a different function (e.g. "sdpa").
-    Needs transformers >= 4.48 (``AttentionInterface``); ``AttentionMaskInterface`` (transformers >= 5,
+    Needs a transformers with ``AttentionInterface`` (not 4.48.x); ``AttentionMaskInterface`` (transformers >= 5,
     and late 4.x) is registered where it exists. Without it the models build their own 4D masks,
     which ``key_padding_mask`` converts.
     """
@@ -201,8 +201,9 @@ def register(name: str = DEFAULT_NAME) -> None:
                           "(pip install 'bertfast[hf]')") from e
     attention_interface = getattr(transformers, "AttentionInterface", None)
     if attention_interface is None:
-        raise ImportError(f"register: transformers {transformers.__version__} has no AttentionInterface "
-                          f"(added in 4.48); upgrade transformers to use attn_implementation={name!r}")
+        raise ImportError(f"register: transformers {transformers.__version__} has no AttentionInterface; "
+                          f"upgrade transformers to use attn_implementation={name!r}, or use "
+                          f"bertfast.patch(model), which works from transformers 4.48")
     mask_interface = getattr(transformers, "AttentionMaskInterface", None)
     pairs = [(attention_interface, attention_forward)]
     if mask_interface is not None:

@@ -617,3 +617,31 @@ def test_bad_input_names_the_argument_before_any_op_runs(name):
     with bertfast.record_backends() as ran, pytest.raises((ValueError, TypeError), match=_names(argument)):
         model(**inputs)
     assert not ran, ran
+
+
+def test_patching_the_head_after_its_base_model_does_not_patch_the_base_twice():
+    model = build("BertForPreTraining")
+    twin = copy.deepcopy(model)
+    first = bertfast.patch(model.bert)
+    second = bertfast.patch(model)
+    assert [s.path for s in first.swapped] == [""]
+    assert [s.path for s in second.swapped] == [""]  # the head only: its base model was patched already
+    assert bertfast.unpatch(model) == 2
+    assert all(type(a) is type(b) for a, b in zip(model.modules(), twin.modules()))
+
+
+def test_a_sequence_of_padding_only_gives_finite_outputs():
+    """A row with no real token: the fused attention gives zeros there (never NaN); the other
+    rows are unaffected."""
+    model = build("BertModel").eval()
+    twin = copy.deepcopy(model)
+    bertfast.patch(model)
+    inputs = make_inputs("BertModel")
+    inputs["attention_mask"][-1] = 0
+    out = model(**inputs).last_hidden_state
+    assert torch.isfinite(out).all()
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        exact = copy.deepcopy(twin).double()(**inputs).last_hidden_state
+        plain = twin(**inputs).last_hidden_state
+    within_rule(out.detach()[real], plain[real], exact[real], "real tokens beside a padding-only row")

@@ -464,3 +464,13 @@ def test_torch_compile_of_a_patched_encoder_equals_unpatched():
     largest = max(g.abs().max().item() for g in grads64.values())
     for name, g64 in grads64.items():
         within_rule(grads[name], grads32[name], g64, f"grad {name}", floor=largest)
+
+
+def test_patching_an_encoder_after_its_layer_keeps_the_layer_patched_once():
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                                    enable_nested_tensor=False)
+    bertfast.patch(encoder.layers[0])
+    report = bertfast.patch(encoder)
+    assert sorted(s.path for s in report.swapped) == ["", "layers.1"]
+    assert bertfast.unpatch(encoder) == 3
+    assert type(encoder.layers[0]) is nn.TransformerEncoderLayer

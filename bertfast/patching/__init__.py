@@ -100,7 +100,7 @@ def patch(model: nn.Module, *, unpad: bool | None = None, keep_logits: bool = Fa
                 _claim_encoder(path, module, unpad, swapped)
                 claimed.update(_subtree(module))
             elif (kind := hf_heads.head_kind(module)) is not None and getattr(module, "config", None) is not None:
-                _claim_head(path, module, kind, unpad, keep_logits, swapped, left)
+                _claim_head(path, module, kind, unpad, keep_logits, swapped)
                 claimed.update(_subtree(module))
             elif isinstance(module, nn.TransformerEncoder):
                 _claim_torch_encoder(path, module, swapped)
@@ -109,11 +109,7 @@ def patch(model: nn.Module, *, unpad: bool | None = None, keep_logits: bool = Fa
                 _claim_torch_layer(path, module, swapped)
                 claimed.update(_subtree(module))
             elif isinstance(module, nn.LayerNorm):
-                core_ok = core.defined_in_library(type(module))
-                if not core_ok:
-                    raise hf_structure.Refused(f"{type(module).__name__}.forward is overridden")
-                torch_modules.layer_norm_ok(module)
-                swapped(path, module, torch_modules.layer_norm_forward, True, "LayerNorm op")
+                _claim_layer_norm(path, module, swapped)
             elif isinstance(module, (nn.MultiheadAttention, nn.TransformerDecoderLayer)):
                 left(path, module, "bertfast swaps attention only inside nn.TransformerEncoderLayer and transformers "
                      "encoders (this one may be cross- or causal attention)")
@@ -135,17 +131,26 @@ def _claim_encoder(path, module, unpad, swapped) -> None:
     swapped(path, module, encoder_model_forward, plan, _encoder_summary(module, plan))
 
 
-def _claim_head(path, module, kind, unpad, keep_logits, swapped, left) -> None:
+def _claim_head(path, module, kind, unpad, keep_logits, swapped) -> None:
     bases = [(name, child) for name, child in module.named_children() if hf_structure.is_encoder_model(child)]
     if len(bases) != 1:
         raise hf_structure.Refused(f"expected one transformers encoder inside, found {len(bases)}")
     name, base = bases[0]
-    base_plan = hf_structure.encoder_plan(base, unpad)  # a refused base refuses the whole model
+    already = core.is_patched(base)  # patched by an earlier call on the base model alone
+    base_plan = core.plan_of(base) if already else hf_structure.encoder_plan(base, unpad)  # refused: all refused
     hidden = base.config.hidden_size
     plan = hf_heads.head_plan(module, kind, name, hidden, keep_logits)
     swapped(path, module, hf_heads.head_forward, plan, _HEAD_WHAT[kind])
-    swapped(f"{path}.{name}" if path else name, base, encoder_model_forward, base_plan,
-            _encoder_summary(base, base_plan))
+    if not already:
+        swapped(f"{path}.{name}" if path else name, base, encoder_model_forward, base_plan,
+                _encoder_summary(base, base_plan))
+
+
+def _claim_layer_norm(path, norm, swapped) -> None:
+    if not core.defined_in_library(type(norm)):
+        raise hf_structure.Refused(f"{type(norm).__name__}.forward is overridden")
+    torch_modules.layer_norm_ok(norm)
+    swapped(path, norm, torch_modules.layer_norm_forward, True, "LayerNorm op")
 
 
 def _claim_torch_layer(path, layer, swapped) -> None:
@@ -164,8 +169,9 @@ def _claim_torch_encoder(path, encoder, swapped) -> None:
     for i, layer in enumerate(encoder.layers):
         if not isinstance(layer, nn.TransformerEncoderLayer):
             raise hf_structure.Refused(f"layers.{i} is {type(layer).__name__}, not nn.TransformerEncoderLayer")
-        _claim_torch_layer(f"{path}.layers.{i}" if path else f"layers.{i}", layer, swapped)
-    if encoder.norm is not None:
+        if not core.is_patched(layer):  # (a layer patched by an earlier call stays as it is)
+            _claim_torch_layer(f"{path}.layers.{i}" if path else f"layers.{i}", layer, swapped)
+    if encoder.norm is not None and not core.is_patched(encoder.norm):
         if not isinstance(encoder.norm, nn.LayerNorm):
             raise hf_structure.Refused(f"norm is {type(encoder.norm).__name__}, not nn.LayerNorm")
         torch_modules.layer_norm_ok(encoder.norm)

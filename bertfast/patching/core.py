@@ -39,6 +39,8 @@ def is_patched(module: nn.Module) -> bool:
 
 
 def swap(module: nn.Module, forward: Callable, plan: Any) -> None:
+    if is_patched(module):
+        raise RuntimeError(f"{type(module).__name__} is already patched")  # never a subclass of a patched class
     object.__setattr__(module, PLAN, plan)  # a plain attribute: not in state_dict, not a submodule
     module.__class__ = patched_class(type(module), forward)
 

@@ -14,7 +14,8 @@ DTYPES = [torch.float32, torch.float16] + ([] if DEVICE == "cpu" else [torch.bfl
 
 
 def max_error(t: torch.Tensor, ref: torch.Tensor) -> float:
-    return (t.double() - ref.double()).abs().max().item()
+    """max |t - ref| in float64 on the CPU (a GPU result against a CPU float64 reference)."""
+    return (t.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item()
 
 
 def within_rule(kernel: torch.Tensor, torch_same_dtype: torch.Tensor, ref64: torch.Tensor, what: str,

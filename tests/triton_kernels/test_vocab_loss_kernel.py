@@ -215,7 +215,7 @@ def kernel_problem(M, E, V, dtype, seed=0):
 def check_launchers(dtype, h, w, b, t, grad, eps, seed, temperature, fwd_config=None, bwd_configs=None):
     cast = [to(x, dtype) for x in (h, w, b)]
     ref = _fused_torch(h, w, b, t, eps, seed, temperature)
-    same = _fused_torch(*cast, t, eps, seed, temperature)
+    same = _fused_torch(*cast, to(t, None), eps, to(seed, None), temperature)  # on the kernel's device
     loss, lse, samples = K.vocab_ce_fwd(*cast, to(t, None), eps, to(seed, None), temperature, config=fwd_config)
     within_rule(loss, same[0], ref[0], f"loss {fwd_config}")
     within_rule(lse, same[1], ref[1], f"lse {fwd_config}")
