@@ -645,3 +645,13 @@ def test_a_sequence_of_padding_only_gives_finite_outputs():
         exact = copy.deepcopy(twin).double()(**inputs).last_hidden_state
         plain = twin(**inputs).last_hidden_state
     within_rule(out.detach()[real], plain[real], exact[real], "real tokens beside a padding-only row")
+
+
+def test_a_user_subclass_that_keeps_transformers_forward_is_patched():
+    class MyPreTraining(transformers.BertForPreTraining):  # e.g. to add a method; forward is transformers'
+        pass
+
+    model = build("BertForPreTraining", cls=MyPreTraining)
+    report = bertfast.patch(model)
+    assert [s.path for s in report.swapped] == ["", "bert"] and not report.left, str(report)
+    assert type(model).__name__ == "MyPreTraining" and isinstance(model, MyPreTraining)

@@ -115,11 +115,13 @@ def _output_class(model: nn.Module, kind: str) -> type:
 
 
 def output_class_named(model: nn.Module, name: str) -> type:
-    """A ``*Output`` dataclass defined next to the model's class (e.g. BertForPreTrainingOutput)."""
-    cls = getattr(sys.modules.get(type(model).__module__), name, None)
-    if cls is None:
-        raise Refused(f"transformers' {name} not found next to {type(model).__name__}")
-    return cls
+    """A ``*Output`` dataclass defined next to the model's class or the transformers class it
+    derives from (e.g. BertForPreTrainingOutput)."""
+    for klass in type(model).__mro__:
+        cls = getattr(sys.modules.get(klass.__module__), name, None)
+        if cls is not None:
+            return cls
+    raise Refused(f"transformers' {name} not found next to {type(model).__name__}")
 
 
 def output_fields(cls: type) -> set[str]:
