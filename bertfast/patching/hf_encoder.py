@@ -24,7 +24,7 @@ from bertfast.models.layers import encode
 from bertfast.nn.self_attention import self_attention
 from bertfast.ops.linear_gelu import linear_gelu
 from bertfast.patching.core import original_forward, plan_of
-from bertfast.patching.hf_structure import EncoderPlan, output_fields
+from bertfast.patching.hf_structure import EncoderPlan
 
 # Keyword arguments transformers' encoders take that change nothing here when None/False.
 _INERT = ("head_mask", "encoder_hidden_states", "encoder_attention_mask", "past_key_values", "past_key_value",
@@ -196,7 +196,7 @@ def encoder_model_forward(self, input_ids=None, attention_mask=None, token_type_
     states = [] if wants(kwargs, "output_hidden_states", self.config, False) else None
     hidden = run_encoder(self, plan, hidden, mask, states)
     fields = {"last_hidden_state": hidden, "hidden_states": tuple(states) if states is not None else None}
-    if "pooler_output" in output_fields(plan.output_class):
+    if plan.pooler_output:
         pooled = None
         if plan.pooler == "bert":
             pooled = self.pooler(hidden)

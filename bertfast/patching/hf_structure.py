@@ -100,6 +100,7 @@ class EncoderPlan:
     approximate: str          # GELU of the feed-forward
     pooler: str | None        # "bert" (pooler module), "albert" (pooler + pooler_activation), None
     output_class: type
+    pooler_output: bool       # whether output_class has the field (read at patch time: dynamo cannot)
     unpad: bool | None
     state_per_layer: bool     # ALBERT hidden states: one per layer call (transformers 5) or per group step (4.x)
 
@@ -273,5 +274,6 @@ def encoder_plan(model: nn.Module, unpad: bool | None) -> EncoderPlan:
     import transformers
 
     state_per_layer = int(transformers.__version__.split(".")[0]) >= 5
-    return EncoderPlan(kind, roberta, projection, modes.pop(), pooler, _output_class(model, kind), unpad,
-                       state_per_layer)
+    output_class = _output_class(model, kind)
+    return EncoderPlan(kind, roberta, projection, modes.pop(), pooler, output_class,
+                       "pooler_output" in output_fields(output_class), unpad, state_per_layer)
