@@ -26,6 +26,7 @@ Implementations (each starts from the same seeded bertfast weights):
   hf-sdpa-patched   the hf-sdpa model(s) after ``bertfast.patch`` (the drop-in swap: transformers'
                     classes, bertfast ops underneath); ELECTRA's generator keeps its logits
                     (``keep_logits=True``) because the step samples from them
+  hf-sdpa-patched-compile  torch.compile of the patched model(s), as hf-sdpa-compile (GPU only)
   bertfast          the bertfast model; dispatch picks the fastest backend for every op
   bertfast-compile  torch.compile of the bertfast model (GPU only; the padded path traces)
 
@@ -91,9 +92,10 @@ if PRESET not in ("small", "default"):
 
 ON_GPU = torch.cuda.is_available()  # decided at collection, as the case list depends on it
 MODELS = ("albert", "roberta", "electra")
-IMPLS = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "hf-sdpa-patched", "bertfast", "bertfast-compile")  # baselines first
+IMPLS = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "hf-sdpa-patched", "hf-sdpa-patched-compile", "bertfast",
+         "bertfast-compile")  # baselines first
 BASELINES = ("hf-sdpa", "hf-eager", "hf-sdpa-compile")
-COMPILED = ("hf-sdpa-compile", "bertfast-compile")
+COMPILED = ("hf-sdpa-compile", "hf-sdpa-patched-compile", "bertfast-compile")
 # (seq_len, batch): ~64k token slots per step on a GPU; one tiny case on a CPU
 SHAPES = ([(128, 512)] if PRESET == "small" else [(128, 512), (512, 128)]) if ON_GPU else [(64, 4)]
 
@@ -254,7 +256,7 @@ def hf_loss(name: str, model: nn.Module, b: Batch) -> torch.Tensor:
 def compiled(name: str, impl: str, model: nn.Module) -> nn.Module:
     """torch.compile of what the user would compile: the model (transformers' ELECTRA: both models,
     the sampling between them stays eager); dynamo's caches reset first (``flops.fresh_compile``)."""
-    if impl == "hf-sdpa-compile" and name == "electra":
+    if impl in ("hf-sdpa-compile", "hf-sdpa-patched-compile") and name == "electra":
         gen = fresh_compile(model["generator"])
         return nn.ModuleDict({"generator": gen, "discriminator": torch.compile(model["discriminator"])})
     return fresh_compile(model)
@@ -349,7 +351,7 @@ def test_pretraining_step(benchmark, device, env_info, name, seq_len, batch, imp
         model = hf_model(name, ours, attn).to(device).train()
         del ours
         loss_fn = hf_loss
-        if impl == "hf-sdpa-patched":
+        if impl.startswith("hf-sdpa-patched"):
             report = bertfast.patch(model, keep_logits=name == "electra")
             assert report.swapped and not report.left, str(report)
     else:
