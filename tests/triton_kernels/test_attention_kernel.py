@@ -101,13 +101,16 @@ def packed(q, mask):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_varlen_matches_torch_and_the_padded_layout(dtype):
+def test_varlen_matches_torch_and_the_padded_layout(dtype, monkeypatch):
     B, T, H, D = 4, 70, 2, 24
     q, k, v = make_qkv(B, T, H, D, dtype, seed=9)
     mask = ragged_mask(B, T, seed=4)
     (pq, cu, max_len), pk, pv = packed(q, mask), k[mask], v[mask]
     compare(pq, pk, pv, dtype, cu_seqlens=cu, max_seqlen=max_len)
-    # The packed kernel's real rows equal the padded kernel's.
+    # The packed kernel's real rows equal the padded kernel's, run with the same tile config: on a
+    # GPU the autotuner may pick different ones for the two layouts (the first H200 run did), so
+    # both take the first candidate (the candidates depend on the head dim and dtype only).
+    monkeypatch.setenv("BERTFAST_AUTOTUNE", "0")
     padded = ATTENTION(q, k, v, key_padding_mask=mask, backend="triton")[mask]
     varlen = ATTENTION(pq, pk, pv, cu_seqlens=cu, max_seqlen=max_len, backend="triton")
     assert torch.equal(varlen, padded)  # same tiles, same order of operations
