@@ -70,5 +70,9 @@ class Distributed:
             dist.barrier()
 
     def stop(self) -> None:
+        """Leave together, then tear the group down. Rank 0 finishes the run's report while the
+        others are done; a rank destroying the group while another still holds it can hang in
+        destroy_process_group (pytorch issue 75097: a 400 s hang of a 2-rank gloo run in CI)."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
