@@ -43,13 +43,8 @@ class Embeddings(nn.Module):
     def default_position_ids(self, input_ids: torch.Tensor | None, batch: int, seq_len: int,
                              device: torch.device) -> torch.Tensor:
         """(1, T) positions 0..T-1, or RoBERTa's (B, T) padding-aware positions."""
-        if self.position_padding_idx is None:
-            return torch.arange(seq_len, device=device)[None, :]
-        start = self.position_padding_idx
-        if input_ids is None:  # no ids: padding is unknown, positions are sequential
-            return torch.arange(start + 1, start + 1 + seq_len, device=device)[None, :].expand(batch, seq_len)
-        real = input_ids.ne(self.word_embeddings.padding_idx).long()
-        return torch.cumsum(real, dim=1) * real + start  # (B, T)
+        return default_position_ids(input_ids, batch, seq_len, device, self.position_padding_idx,
+                                    self.word_embeddings.padding_idx)
 
     def forward(self, input_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -83,3 +78,17 @@ class Embeddings(nn.Module):
             projection_bias=None if projection is None else projection.bias,
             inputs_embeds=inputs_embeds,
         )
+
+
+def default_position_ids(input_ids: torch.Tensor | None, batch: int, seq_len: int, device: torch.device,
+                         position_padding_idx: int | None, pad_token_id: int | None) -> torch.Tensor:
+    """(1, T) positions 0..T-1; with ``position_padding_idx`` (RoBERTa) (B, T) positions counting
+    real tokens (ids != ``pad_token_id``) from position_padding_idx + 1, padding at
+    position_padding_idx (without ids: sequential from position_padding_idx + 1)."""
+    if position_padding_idx is None:
+        return torch.arange(seq_len, device=device)[None, :]
+    start = position_padding_idx
+    if input_ids is None:  # no ids: padding is unknown, positions are sequential
+        return torch.arange(start + 1, start + 1 + seq_len, device=device)[None, :].expand(batch, seq_len)
+    real = input_ids.ne(pad_token_id).long()
+    return torch.cumsum(real, dim=1) * real + start  # (B, T)

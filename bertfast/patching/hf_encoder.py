@@ -21,6 +21,7 @@ from bertfast import ops
 from bertfast.models import inputs
 from bertfast.models import shared_loop
 from bertfast.models.layers import encode
+from bertfast.nn.embeddings import default_position_ids
 from bertfast.nn.self_attention import self_attention
 from bertfast.ops.linear_gelu import linear_gelu
 from bertfast.patching.core import original_forward, plan_of
@@ -125,15 +126,9 @@ def embed(model: nn.Module, plan: EncoderPlan, input_ids, token_type_ids, positi
     emb = model.embeddings
     lead = input_ids if input_ids is not None else inputs_embeds
     B, T = lead.shape[:2]
-    if position_ids is None:
-        if not plan.roberta_positions:
-            position_ids = torch.arange(T, device=lead.device)[None, :]
-        elif input_ids is not None:  # count real tokens from padding_idx + 1; padding keeps padding_idx
-            real = input_ids.ne(emb.padding_idx).long()
-            position_ids = torch.cumsum(real, dim=1) * real + emb.padding_idx
-        else:
-            start = emb.padding_idx + 1
-            position_ids = torch.arange(start, start + T, device=lead.device)[None, :].expand(B, T)
+    if position_ids is None:  # RoBERTa: embeddings.padding_idx is both the pad id and the padding position
+        padding = emb.padding_idx if plan.roberta_positions else None
+        position_ids = default_position_ids(input_ids, B, T, lead.device, padding, padding)
     if token_type_ids is None:
         token_type_ids = torch.zeros((1, T), dtype=torch.long, device=lead.device)
     projection = functools.reduce(getattr, plan.projection.split("."), model) if plan.projection else None

@@ -17,7 +17,7 @@ from torch import nn
 
 from bertfast import ops
 from bertfast.models import inputs
-from bertfast.models.layers import mlm_logits
+from bertfast.models.layers import mlm_logits, mlm_loss
 from bertfast.patching.core import original_forward, plan_of
 from bertfast.patching.hf_encoder import call_refusal, finish, wants
 from bertfast.patching.hf_structure import (dropout, gelu_of, layer_norm, linear, output_class_named,
@@ -166,8 +166,8 @@ def head_forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
     head = mlm_head(self, plan.kind)
     mlm = None
     if labels is not None:
-        mlm = ops.mlm_loss(hidden, labels, head.dense.weight, head.dense.bias, head.norm.weight, head.norm.bias,
-                           head.decoder.weight, head.decoder.bias, approximate=plan.approximate, eps=head.norm.eps)
+        mlm = mlm_loss(hidden, labels, head.dense, head.norm, head.decoder.weight, head.decoder.bias,
+                       plan.approximate)
     if plan.kind in ("bert_pretraining", "albert_pretraining"):
         if plan.kind == "bert_pretraining":
             pooled, classifier = out.pooler_output, self.cls.seq_relationship
